@@ -1,0 +1,353 @@
+"""One authenticated, framed, heartbeating link between two Argon peers.
+
+A :class:`Connection` owns a socket. Sending encodes the message at once (so errors
+reach the caller) and appends the frame to an outbox; one writer greenlet per
+connection sends everything that piled up in a single ``sendall``, so a burst of small
+messages costs one system call. The reader runs in whichever greenlet calls
+:meth:`Connection.serve` and hands each decoded message to a handler.
+
+:func:`connect` and :func:`accept` build connections: TLS (optional), the handshake of
+:mod:`argon.security`, then an exchange of :class:`~argon.protocol.Hello` messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket as _stdsocket
+import ssl as _stdssl
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.socket
+
+from argon import defaults
+from argon._version import __version__
+from argon.errors import AuthenticationError, ConnectionLost, ProtocolError
+from argon.protocol import VERSION, FrameBuffer, Hello, Message, Ping, decode, encode, frame
+from argon.security import Session, client_handshake, refuse, server_handshake
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 256 * 1024
+SERIALIZER = "pickle+dill"
+
+
+class Connection:
+    """A framed link to one peer; see the module docstring.
+
+    Attributes:
+        peer: The peer's address as ``host:port``.
+        hello: The peer's :class:`Hello` (set once the handshake is done).
+        closed: Whether the connection has been closed.
+        reason: Why it was closed.
+
+    """
+
+    def __init__(self, sock: Any, peer: str, session: Session, max_frame: int = defaults.MAX_FRAME) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.hello: Hello | None = None
+        self.closed = False
+        self.reason = ""
+        self.last_recv = self.last_send = time.monotonic()
+        self._signer = session.send
+        self._checker = session.recv
+        self._frames = FrameBuffer(max_frame)
+        self._backlog = self._frames.feed(session.rest)
+        self._out: list[bytes] = []
+        self._wake = gevent.event.Event()
+        self._idle = gevent.event.Event()
+        self._idle.set()
+        self._writer: gevent.Greenlet | None = None
+        self._keepalive: gevent.Greenlet | None = None
+
+    def __repr__(self) -> str:
+        role = self.hello.role if self.hello else "?"
+        return f"<Connection {role}@{self.peer}{' closed' if self.closed else ''}>"
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _frame(self, msg: Message) -> bytes:
+        body = encode(msg)
+        return frame(body, self._signer.sign(body) if self._signer else b"")
+
+    def send(self, msg: Message) -> None:
+        """Queue a message; the writer greenlet sends it with whatever else is pending.
+
+        Raises:
+            ConnectionLost: The connection is closed.
+
+        """
+        if self.closed:
+            raise ConnectionLost(f"connection to {self.peer} is closed: {self.reason}")
+        self._out.append(self._frame(msg))
+        if not self._wake.is_set():
+            self._wake.set()
+            self._idle.clear()
+
+    def send_now(self, msg: Message) -> None:
+        """Send one message from the calling greenlet (used before the writer runs)."""
+        self.sock.sendall(self._frame(msg))
+        self.last_send = time.monotonic()
+
+    def _write_loop(self) -> None:
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                while self._out:
+                    out, self._out = self._out, []
+                    self.sock.sendall(out[0] if len(out) == 1 else b"".join(out))
+                    self.last_send = time.monotonic()
+                self._idle.set()
+        except OSError as exc:
+            self.close(f"send failed: {exc}")
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued has been handed to the socket; False on timeout."""
+        return bool(self._idle.wait(timeout))
+
+    # -- receiving --------------------------------------------------------------------
+
+    def _messages(self, data: bytes) -> list[Message]:
+        frames = self._frames.feed(data)
+        if self._checker is not None:
+            frames = [self._checker.verify(f) for f in frames]
+        return [decode(f) for f in frames]
+
+    def recv_message(self) -> Message:
+        """Read one message from the calling greenlet (handshake only; no writer yet).
+
+        Raises:
+            ConnectionResetError: The peer closed the connection.
+            ProtocolError: The peer sent something invalid.
+
+        """
+        while not self._backlog:
+            data = self.sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionResetError(f"{self.peer} closed the connection")
+            self._backlog = self._frames.feed(data)
+        body = self._backlog.pop(0)
+        return decode(self._checker.verify(body) if self._checker else body)
+
+    def serve(
+        self,
+        handler: Callable[[Message], None],
+        heartbeat: float | None = None,
+        misses: int = defaults.HEARTBEAT_MISSES,
+    ) -> str:
+        """Run the connection until it closes, passing each message to ``handler``.
+
+        Args:
+            handler: Called in this greenlet for every message but heartbeats; it must not
+                block. An exception from it closes this connection (and is logged).
+            heartbeat: Send a ping after this many idle seconds. None: no heartbeats.
+            misses: Close the connection when nothing arrives for ``misses`` heartbeats
+                (0: never; the peer is then watched by TCP keepalive alone).
+
+        Returns:
+            Why the connection closed.
+
+        """
+        self._writer = gevent.spawn(self._write_loop)
+        if self._out:
+            self._wake.set()
+        if heartbeat:
+            self._keepalive = gevent.spawn(self._keepalive_loop, heartbeat, heartbeat * misses or None)
+        reason = "closed"
+        try:
+            for body in self._backlog:
+                self._dispatch(decode(self._checker.verify(body) if self._checker else body), handler)
+            self._backlog = []
+            recv = self.sock.recv
+            while not self.closed:
+                data = recv(RECV_SIZE)
+                if not data:
+                    reason = "closed by peer"
+                    break
+                self.last_recv = time.monotonic()
+                for msg in self._messages(data):
+                    self._dispatch(msg, handler)
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("closing connection from %s: %s", self.peer, reason)
+        except OSError as exc:
+            reason = self.reason or f"connection error: {exc}"
+        except Exception:
+            reason = "internal error"
+            log.exception("error handling a message from %s; closing its connection", self.peer)
+        self.close(self.reason or reason)
+        return self.reason
+
+    @staticmethod
+    def _dispatch(msg: Message, handler: Callable[[Message], None]) -> None:
+        if type(msg) is not Ping:
+            handler(msg)
+
+    def _keepalive_loop(self, interval: float, timeout: float | None) -> None:
+        tick = time.monotonic()
+        while not self.closed:
+            gevent.sleep(interval)
+            now = time.monotonic()
+            if now - tick > 2 * interval:
+                # This process itself was frozen or starved: give the peer a fresh chance.
+                self.last_recv = now
+            tick = now
+            if timeout is not None and now - self.last_recv > timeout:
+                log.warning("no heartbeat from %s for %.1fs; closing", self.peer, now - self.last_recv)
+                self.close(f"no heartbeat for {now - self.last_recv:.1f}s")
+                return
+            if now - self.last_send >= interval and not self._out:
+                try:
+                    self.send(Ping())
+                except ConnectionLost:
+                    return
+
+    # -- closing ----------------------------------------------------------------------
+
+    def close(self, reason: str = "closed") -> None:
+        """Close the socket and stop the writer; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        self._out = []
+        self._idle.set()
+        current = gevent.getcurrent()
+        for helper in (self._writer, self._keepalive):
+            if helper is not None and helper is not current:
+                helper.kill(block=False)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _tune(sock: Any) -> None:
+    sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+    sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(_stdsocket, name):
+            sock.setsockopt(_stdsocket.IPPROTO_TCP, getattr(_stdsocket, name), value)
+
+
+def _hello(role: str, name: str) -> Hello:
+    version = ".".join(map(str, sys.version_info[:3]))
+    return Hello(VERSION, role, name, __version__, version, SERIALIZER)
+
+
+def _check_hello(msg: Message, peer: str) -> Hello:
+    if type(msg) is not Hello:
+        raise ProtocolError(f"{peer} sent {type(msg).__name__} before hello")
+    if msg.version != VERSION:
+        raise ProtocolError(f"{peer} speaks protocol version {msg.version}; this side speaks {VERSION}")
+    return msg
+
+
+def connect(
+    host: str,
+    port: int,
+    *,
+    role: str,
+    name: str = "",
+    key: bytes | None = None,
+    timeout: float = defaults.CONNECT_TIMEOUT,
+    max_frame: int = defaults.MAX_FRAME,
+    tls: _stdssl.SSLContext | None = None,
+) -> Connection:
+    """Dial a server, run the handshake and exchange hellos.
+
+    Args:
+        host: Server address.
+        port: Server port.
+        role: This side's role (``client`` or ``worker``).
+        name: This side's name, shown in the server's logs and status.
+        key: The shared key, or None.
+        timeout: Bound on connecting plus the whole handshake.
+        max_frame: Largest frame accepted from the server.
+        tls: A client-side SSL context to wrap the socket in, or None.
+
+    Raises:
+        ConnectionLost: The server could not be reached or hung up during the handshake.
+        AuthenticationError: See :func:`argon.security.client_handshake`.
+        ProtocolError: The server is not a compatible Argon peer.
+
+    """
+    server = f"{host}:{port}"
+    sock = None
+    try:
+        with gevent.Timeout(timeout, ConnectionLost(f"handshake with {server} timed out after {timeout}s")):
+            sock = gevent.socket.create_connection((host, port))
+            _tune(sock)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            session = client_handshake(sock, key, server)
+            conn = Connection(sock, server, session, max_frame)
+            conn.send_now(_hello(role, name))
+            conn.hello = _check_hello(conn.recv_message(), server)
+            return conn
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        raise ConnectionLost(f"cannot connect to {server}: {exc.strerror or exc}") from None
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+
+
+def accept(
+    sock: Any,
+    address: tuple[Any, ...],
+    *,
+    role: str,
+    name: str,
+    key: bytes | None,
+    allowed: bool,
+    timeout: float = defaults.HANDSHAKE_TIMEOUT,
+    max_frame: int = defaults.MAX_FRAME,
+    tls: _stdssl.SSLContext | None = None,
+) -> Connection:
+    """Run the server side of a new connection's handshake.
+
+    Args:
+        sock: The accepted socket.
+        address: The peer's address.
+        role: This server's role (``manager`` or ``worker``).
+        name: This server's name.
+        key: The shared key, or None.
+        allowed: False to refuse the peer (protected mode) with a one-line reason.
+        timeout: Bound on the whole handshake.
+        max_frame: Largest frame accepted from the peer.
+        tls: A server-side SSL context, or None.
+
+    Raises:
+        ArgonError: The peer failed the handshake (the caller logs it and closes ``sock``);
+            a peer that hung up gives :class:`ConnectionLost`.
+
+    """
+    peer = f"{address[0]}:{address[1]}"
+    try:
+        with gevent.Timeout(timeout, ProtocolError(f"handshake not finished within {timeout}s")):
+            _tune(sock)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_side=True)
+            if not allowed:
+                refuse(
+                    sock,
+                    f"{peer} is not a loopback address and this server has no key. Create one"
+                    " with 'argon keygen FILE' and start every peer with --key FILE"
+                    " (or start the server with --insecure)",
+                )
+                raise AuthenticationError("refused a non-loopback peer: this server has no key")
+            session = server_handshake(sock, key)
+            conn = Connection(sock, peer, session, max_frame)
+            conn.hello = _check_hello(conn.recv_message(), peer)
+            conn.send_now(_hello(role, name))
+            return conn
+    except OSError as exc:
+        raise ConnectionLost(f"{peer} dropped during the handshake: {exc}") from None

@@ -1,0 +1,67 @@
+"""Every default Argon uses, in one place.
+
+Each name is documented where it is defined; the CLI and the library read them from here.
+"""
+
+from __future__ import annotations
+
+HOST = "127.0.0.1"
+"""Address servers bind to and clients dial when none is given."""
+
+MANAGER_PORT = 8000
+"""Port a manager listens on, and a client dials, when none is given."""
+
+WORKER_PORT = 8001
+"""Port a worker listens on when none is given."""
+
+MAX_FRAME = 64 * 1024 * 1024
+"""Largest frame (bytes) a connection accepts; a larger one closes that connection."""
+
+RETRIES = 10
+"""Times a client re-sends a rejected task before raising ``TaskRejected``."""
+
+RETRY_DELAY = 0.05
+"""First delay (seconds) before re-sending a rejected task."""
+
+RETRY_BACKOFF = 1.6
+"""Factor each further retry delay grows by (10 retries add up to about nine seconds)."""
+
+RETRY_MAX_DELAY = 3.0
+"""Upper bound (seconds) on a single retry delay."""
+
+HEARTBEAT = 1.0
+"""Seconds between heartbeats on an idle manager-worker link."""
+
+HEARTBEAT_MISSES = 4
+"""Heartbeats a peer may miss before its link is declared dead."""
+
+CONNECT_TIMEOUT = 5.0
+"""Seconds allowed for connecting and completing the handshake."""
+
+HANDSHAKE_TIMEOUT = 5.0
+"""Seconds a server waits for a new connection to finish its handshake."""
+
+RECONNECT_MAX_DELAY = 2.0
+"""Upper bound (seconds) between a worker's or client's reconnection attempts."""
+
+RECONNECT_DEADLINE = 30.0
+"""Seconds a client waits for a lost connection to come back before failing its tasks."""
+
+MAX_ATTEMPTS = 3
+"""Times a task is sent to a worker before a lost worker fails it with ``WorkerLost``."""
+
+GRACE = 30.0
+"""Seconds a stopping worker or manager waits for running tasks before exiting anyway."""
+
+STATUS_TIMEOUT = 10.0
+"""Seconds a client waits for a status reply."""
+
+FUNCTION_CACHE = 256
+"""Deserialized functions a pool process keeps, keyed by their serialized bytes."""
+
+MAX_CONNECTIONS = 1024
+"""Connections a server holds open at once; further ones are closed at accept."""
+
+CLIENT_HEARTBEAT_MISSES = 10
+"""Heartbeats a client lets its server miss before reconnecting (lenient: a busy client
+program may starve its own event loop)."""

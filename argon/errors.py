@@ -1,0 +1,82 @@
+"""The Argon error tree: every error Argon raises derives from :class:`ArgonError`."""
+
+from __future__ import annotations
+
+
+class ArgonError(Exception):
+    """Base class of every error raised by Argon itself."""
+
+
+class ProtocolError(ArgonError):
+    """A peer sent something that is not valid Argon protocol; its connection is closed."""
+
+
+class AuthenticationError(ArgonError):
+    """A peer could not prove it holds the shared key, or refused ours."""
+
+
+class ConnectionLost(ArgonError, ConnectionError):
+    """The connection to a peer went away and could not be restored in time."""
+
+
+class TaskRejected(ArgonError):
+    """The server's queue was full; raised once the client has used up its retries."""
+
+
+class TaskTimeout(ArgonError, TimeoutError):
+    """A task, or a wait for its result, ran past its deadline."""
+
+
+class TaskCancelled(ArgonError):
+    """The task was cancelled before it started."""
+
+
+class ProcessDied(ArgonError):
+    """The pool process running the task exited; the pool has replaced it."""
+
+
+class WorkerLost(ArgonError):
+    """The worker running the task went away too many times."""
+
+
+class RemoteError(ArgonError):
+    """A task raised an exception that could not be rebuilt as its own type.
+
+    Attributes:
+        type_name: The qualified name of the remote exception's type.
+        remote_traceback: The formatted traceback from the worker.
+
+    """
+
+    def __init__(self, message: str, type_name: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.remote_traceback = remote_traceback
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker-side traceback; attached as ``__cause__`` of a re-raised task error."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n\n" + self.text
+
+
+#: Errors that a server may report for a task, by the name used on the wire.
+TASK_ERRORS: dict[str, type[ArgonError]] = {
+    cls.__name__: cls
+    for cls in (
+        TaskRejected,
+        TaskTimeout,
+        TaskCancelled,
+        ProcessDied,
+        WorkerLost,
+        ConnectionLost,
+        ProtocolError,
+        RemoteError,
+        AuthenticationError,
+    )
+}

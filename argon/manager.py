@@ -1,0 +1,330 @@
+"""The manager: routes clients' tasks to workers with free processes and results back.
+
+Workers dial in and register their capacity. Each task goes to the registered worker
+with the most free processes; no worker is ever sent more tasks than it has free
+processes. When none is free, tasks wait in a FIFO queue, bounded by ``queue_size``:
+beyond it they are rejected at once and the client retries them later.
+
+A worker whose connection closes, or that misses its heartbeats, is dropped at once;
+the tasks it was running go back to the front of the queue (each task is sent at most
+``MAX_ATTEMPTS`` times, then fails with ``WorkerLost``).
+
+The manager never deserializes task code or arguments: it forwards opaque bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import gevent
+
+from argon import defaults
+from argon.connection import Connection
+from argon.errors import ConnectionLost, ProtocolError
+from argon.protocol import Bye, Failure, Message, Ready, Register, Result, Stats, Task
+from argon.server import ClientLink, Server, ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+class _Job:
+    """A client's task while the manager holds it."""
+
+    __slots__ = ("attempts", "client", "id", "task", "worker")
+
+    def __init__(self, job_id: int, client: ClientLink, task: Task) -> None:
+        self.id = job_id
+        self.client = client
+        self.task = task
+        self.attempts = 0
+        self.worker: WorkerLink | None = None
+
+    def wanted(self) -> bool:
+        """Whether the client that sent this task still waits for it."""
+        return self.client.jobs.get(self.task.id) is self
+
+
+class WorkerLink:
+    """A registered worker as the manager sees it."""
+
+    __slots__ = (
+        "capacity",
+        "completed",
+        "conn",
+        "draining",
+        "failed",
+        "free",
+        "host",
+        "id",
+        "inflight",
+        "joined",
+        "pid",
+        "port",
+        "stats",
+    )
+
+    def __init__(self, conn: Connection, reg: Register) -> None:
+        self.conn = conn
+        self.id = reg.id
+        self.host = reg.host
+        self.port = reg.port
+        self.capacity = reg.capacity
+        self.free = 0
+        self.pid = reg.pid
+        self.inflight: dict[int, _Job] = {}
+        self.completed = 0
+        self.failed = 0
+        self.joined = time.time()
+        self.draining = False
+        self.stats: dict[str, Any] = {}
+
+    def describe(self) -> dict[str, Any]:
+        """This worker's row in ``status()``."""
+        return {
+            **self.stats,
+            "id": self.id,
+            "host": self.host,
+            "port": self.port,
+            "pid": self.pid,
+            "capacity": self.capacity,
+            "busy": len(self.inflight),
+            "completed": self.completed,
+            "failed": self.failed,
+            "connected": round(time.time() - self.joined, 1),
+            "draining": self.draining,
+            "address": self.conn.peer,
+        }
+
+
+class FreeSlots:
+    """Workers with free processes, bucketed by how many of them are free.
+
+    Picking the least loaded worker costs the same whether ten or ten thousand are
+    registered.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: list[dict[WorkerLink, None]] = [{}]
+
+    def __bool__(self) -> bool:
+        return any(self._buckets[1:])
+
+    def add(self, link: WorkerLink, count: int) -> None:
+        """Give ``link`` ``count`` more free processes."""
+        if count <= 0:
+            return
+        self._buckets[link.free].pop(link, None)
+        link.free += count
+        while len(self._buckets) <= link.free:
+            self._buckets.append({})
+        self._buckets[link.free][link] = None
+
+    def remove(self, link: WorkerLink) -> None:
+        """Take ``link`` out of routing altogether."""
+        self._buckets[link.free].pop(link, None)
+        link.free = 0
+
+    def take(self) -> WorkerLink | None:
+        """Claim one process on the worker with the most free ones; None if all are busy."""
+        buckets = self._buckets
+        for free in range(len(buckets) - 1, 0, -1):
+            bucket = buckets[free]
+            if bucket:
+                link = next(iter(bucket))
+                del bucket[link]
+                link.free = free - 1
+                buckets[free - 1][link] = None
+                return link
+        return None
+
+
+class Manager(Server):
+    """Routes tasks from clients to registered workers; see the module docstring."""
+
+    role = "manager"
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        super().__init__(config or ServerConfig())
+        self.redelivered = 0
+        self._workers: dict[str, WorkerLink] = {}
+        self._free = FreeSlots()
+        self._pending: deque[_Job] = deque()
+        self._next_id = 0
+
+    # -- connections --------------------------------------------------------------------
+
+    def handle(self, conn: Connection) -> None:
+        """Serve a client or a worker, by the role it announced."""
+        assert conn.hello is not None
+        if conn.hello.role == "client":
+            self.serve_client(conn)
+        elif conn.hello.role == "worker":
+            self._serve_worker(conn)
+        else:
+            log.warning("refusing %s: unexpected role %r", conn.peer, conn.hello.role)
+
+    def _serve_worker(self, conn: Connection) -> None:
+        link: WorkerLink | None = None
+
+        def on_message(msg: Message) -> None:
+            nonlocal link
+            kind = type(msg)
+            if link is not None and (kind is Result or kind is Failure):
+                self._worker_reply(link, msg)  # type: ignore[arg-type]
+            elif kind is Register and link is None:
+                link = self._register(conn, msg)  # type: ignore[arg-type]
+            elif kind is Ready and link is not None:
+                if not link.draining:
+                    self._free.add(link, msg.count)  # type: ignore[union-attr]
+                    self._pump()
+            elif kind is Stats and link is not None:
+                link.stats = msg.values  # type: ignore[union-attr]
+            elif kind is Bye and link is not None:
+                log.info("worker %s is draining: %s", link.id, msg.reason)  # type: ignore[union-attr]
+                link.draining = True
+                self._free.remove(link)
+            else:
+                raise ProtocolError(f"unexpected {kind.__name__} from worker {conn.peer}")
+
+        reason = conn.serve(on_message, self.config.heartbeat)
+        if link is not None:
+            self._drop_worker(link, reason)
+
+    def _register(self, conn: Connection, reg: Register) -> WorkerLink:
+        if reg.capacity < 1 or not 0 <= reg.free <= reg.capacity:
+            raise ProtocolError(f"bad registration: capacity {reg.capacity}, free {reg.free}")
+        old = self._workers.get(reg.id)
+        if old is not None:
+            old.conn.close("worker registered again on a new connection")
+            self._drop_worker(old, "replaced by a new connection")
+        link = WorkerLink(conn, reg)
+        self._workers[link.id] = link
+        self._free.add(link, reg.free)
+        log.info("worker %s registered from %s with %d processes (%d free)", link.id, conn.peer, reg.capacity, reg.free)
+        self._pump()
+        return link
+
+    def _drop_worker(self, link: WorkerLink, reason: str) -> None:
+        if self._workers.get(link.id) is not link:
+            return
+        del self._workers[link.id]
+        self._free.remove(link)
+        jobs = list(link.inflight.values())
+        link.inflight.clear()
+        if link.draining and not jobs:
+            log.info("worker %s (%s) left after draining", link.id, link.conn.peer)
+        else:
+            log.warning(
+                "worker %s (%s) lost: %s; %d running tasks to redeliver", link.id, link.conn.peer, reason, len(jobs)
+            )
+        for job in reversed(jobs):
+            if not job.wanted():
+                continue
+            if job.attempts >= defaults.MAX_ATTEMPTS:
+                self.failed += 1
+                job.client.reply(
+                    Failure(
+                        job.task.id,
+                        "WorkerLost",
+                        f"the worker running the task was lost {job.attempts} times"
+                        f" (last: {link.id} at {link.conn.peer}: {reason})",
+                    )
+                )
+            else:
+                job.worker = None
+                self._pending.appendleft(job)
+                self.redelivered += 1
+        self._pump()
+
+    # -- routing ------------------------------------------------------------------------
+
+    def submit(self, client: ClientLink, task: Task) -> None:
+        """Queue a client's task, or reject it when the queue is full."""
+        limit = self.config.queue_size
+        if limit is not None and len(self._pending) >= limit and not self._free:
+            self.reject(client, task, f"manager {self.name} queue is full ({len(self._pending)} tasks waiting)")
+            return
+        self._next_id += 1
+        job = _Job(self._next_id, client, task)
+        client.jobs[task.id] = job
+        self._pending.append(job)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send queued tasks to free processes while there are both."""
+        pending = self._pending
+        while pending:
+            link = self._free.take()
+            if link is None:
+                return
+            job = pending.popleft()
+            job.attempts += 1
+            job.worker = link
+            link.inflight[job.id] = job
+            task = job.task
+            try:
+                link.conn.send(Task(job.id, task.func, task.args, task.timeout))
+            except ConnectionLost as exc:
+                self._drop_worker(link, str(exc))
+
+    def _worker_reply(self, link: WorkerLink, msg: Result | Failure) -> None:
+        job = link.inflight.pop(msg.id, None)
+        if job is None:
+            log.debug("worker %s replied to unknown task %d", link.id, msg.id)
+            return
+        if type(msg) is Result:
+            self.completed += 1
+            link.completed += 1
+        else:
+            self.failed += 1
+            link.failed += 1
+        if not link.draining:
+            self._free.add(link, 1)
+        job.client.reply(msg._replace(id=job.task.id))
+        self._pump()
+
+    def cancel(self, client: ClientLink, task_id: int) -> None:
+        """Drop a queued task (a running one finishes normally)."""
+        job = client.jobs.get(task_id)
+        if job is not None and job.worker is None:
+            self._pending.remove(job)
+            client.reply(Failure(task_id, "TaskCancelled", "task cancelled before it started"))
+
+    def client_gone(self, client: ClientLink) -> None:
+        """Forget the departed client's queued tasks; its running ones finish unseen."""
+        if client.jobs:
+            client.jobs.clear()
+            self._pending = deque(job for job in self._pending if job.client is not client)
+
+    # -- reporting and stopping -------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Workers, capacity, queue length and counters."""
+        workers = [link.describe() for link in self._workers.values()]
+        return {
+            **self.base_status(),
+            "workers": workers,
+            "capacity": sum(w["capacity"] for w in workers if not w["draining"]),
+            "busy": sum(w["busy"] for w in workers),
+            "queued": len(self._pending),
+            "redelivered": self.redelivered,
+        }
+
+    def busy(self) -> int:
+        """Tasks queued or running."""
+        return len(self._pending) + sum(len(w.inflight) for w in self._workers.values())
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop taking tasks, finish queued and running ones within ``grace``, then close."""
+        grace = self.config.grace if grace is None else grace
+        log.info("manager %s shutting down (grace %.0fs, %d tasks in hand)", self.name, grace, self.busy())
+        self.say_goodbye(f"manager {self.name} is shutting down")
+        deadline = time.monotonic() + grace
+        while self.busy() and self._workers and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        self.close_connections()
+        log.info("manager %s stopped", self.name)
+        self.stopped()

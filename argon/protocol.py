@@ -1,0 +1,301 @@
+"""The wire protocol: length-prefixed frames carrying msgpack-encoded messages.
+
+A frame is a 4-byte big-endian length ``L`` followed by ``L`` bytes: a MAC (on
+authenticated connections, see :mod:`argon.security`) and then the body. The body is a
+msgpack array ``[kind, field, ...]``: ``kind`` is a small integer naming the message type
+and the fields follow in declaration order. Fields added in later protocol versions go
+at the end with defaults, so a peer ignores fields it does not know and fills in the
+ones an older peer did not send.
+
+This is the only module that imports msgpack. Task code and arguments travel as opaque
+``bytes`` fields: nothing here (nor in the manager) ever deserializes them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, NamedTuple
+
+import msgpack
+
+from argon.errors import ProtocolError
+
+#: Bumped when a change would break older peers; older peers are refused at hello.
+VERSION = 1
+
+#: Frame header: the length of the rest of the frame.
+HEADER = struct.Struct("!I")
+
+#: Largest array or map a message may hold (guards against memory bombs in small frames).
+MAX_CONTAINER = 100_000
+
+_OPT_FLOAT = (float, int, type(None))
+_OPT_BYTES = (bytes, type(None))
+
+
+class Hello(NamedTuple):
+    """First message on every connection, in both directions.
+
+    Attributes:
+        version: Protocol version of the sender.
+        role: ``client``, ``worker`` or ``manager``.
+        name: A human-readable name of the sender (host:port or process id).
+        argon: The sender's Argon version.
+        python: The sender's Python version (``3.11.7``).
+        serializer: How task payloads are encoded (``pickle+dill``).
+
+    """
+
+    version: int
+    role: str
+    name: str = ""
+    argon: str = ""
+    python: str = ""
+    serializer: str = ""
+
+
+class Task(NamedTuple):
+    """Run a function: client to server, manager to worker, worker to pool process.
+
+    Attributes:
+        id: Chosen by the sender; the reply echoes it.
+        func: The serialized callable (opaque bytes).
+        args: The serialized ``(args, kwargs)`` pair (opaque bytes).
+        timeout: Seconds the task may run before its process is killed, or None.
+
+    """
+
+    id: int
+    func: bytes
+    args: bytes
+    timeout: float | None = None
+
+
+class Result(NamedTuple):
+    """A task's return value (serialized, opaque bytes), in reply to :class:`Task`."""
+
+    id: int
+    value: bytes
+
+
+class Failure(NamedTuple):
+    """A task did not produce a value.
+
+    Attributes:
+        id: The task's id.
+        error: ``TaskError`` when the task raised; otherwise the name of an
+            :mod:`argon.errors` class (``ProcessDied``, ``TaskRejected``...).
+        message: A one-line description.
+        payload: For ``TaskError``, the serialized exception if it could be pickled.
+        traceback: The formatted remote traceback, if any.
+
+    """
+
+    id: int
+    error: str
+    message: str
+    payload: bytes | None = None
+    traceback: str = ""
+
+
+class Register(NamedTuple):
+    """A worker offers its processes to a manager.
+
+    Attributes:
+        id: The worker's id (stable for the life of the worker process).
+        host: Address the worker listens on.
+        port: Port the worker listens on.
+        capacity: Number of pool processes.
+        free: Processes free right now (fewer than capacity after a reconnect).
+        pid: The worker's process id.
+
+    """
+
+    id: str
+    host: str
+    port: int
+    capacity: int
+    free: int
+    pid: int = 0
+
+
+class Ready(NamedTuple):
+    """A worker has ``count`` more free processes than the manager knows about."""
+
+    count: int
+
+
+class Ping(NamedTuple):
+    """Heartbeat; sent on an idle link so the peer knows this side is alive."""
+
+
+class StatusRequest(NamedTuple):
+    """Ask a server for its :meth:`status`."""
+
+    id: int
+
+
+class StatusReply(NamedTuple):
+    """A server's status, as documented for ``Client.status()``."""
+
+    id: int
+    status: dict
+
+
+class Stats(NamedTuple):
+    """Worker to manager: the worker's own figures (memory, processes), sent periodically."""
+
+    values: dict
+
+
+class Cancel(NamedTuple):
+    """Client to server: drop task ``id`` if it has not started yet."""
+
+    id: int
+
+
+class Bye(NamedTuple):
+    """The sender is going away (draining or shutting down); ``reason`` says why."""
+
+    reason: str = ""
+
+
+Message = Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequest | StatusReply | Stats | Cancel | Bye
+
+#: Wire kind of each message type, and the type of each field (checked on decode).
+_SPEC: dict[type, tuple[int, tuple[Any, ...]]] = {
+    Hello: (1, (int, str, str, str, str, str)),
+    Task: (2, (int, bytes, bytes, _OPT_FLOAT)),
+    Result: (3, (int, bytes)),
+    Failure: (4, (int, str, str, _OPT_BYTES, str)),
+    Register: (5, (str, str, int, int, int, int)),
+    Ready: (6, (int,)),
+    Ping: (7, ()),
+    StatusRequest: (8, (int,)),
+    StatusReply: (9, (int, dict)),
+    Stats: (10, (dict,)),
+    Cancel: (11, (int,)),
+    Bye: (12, (str,)),
+}
+_KIND = {cls: kind for cls, (kind, _) in _SPEC.items()}
+_BY_KIND: dict[int, tuple[type, tuple[Any, ...], int]] = {
+    kind: (cls, types, len(types) - len(cls._field_defaults))  # type: ignore[attr-defined]
+    for cls, (kind, types) in _SPEC.items()
+}
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a message as a frame body (no header).
+
+    Args:
+        msg: Any message defined in this module.
+
+    Returns:
+        The msgpack body.
+
+    """
+    return msgpack.packb([_KIND[type(msg)], *msg])
+
+
+def decode(body: bytes | memoryview) -> Message:
+    """Decode and validate a frame body.
+
+    Args:
+        body: The complete body of one frame (its length already checked).
+
+    Returns:
+        The message.
+
+    Raises:
+        ProtocolError: The body is not valid msgpack, not a known message, or a field
+            has the wrong type.
+
+    """
+    try:
+        # On a complete frame, msgpack bounds every string and bin by the frame length,
+        # so a short frame cannot claim a huge object.
+        obj = msgpack.unpackb(body, max_array_len=MAX_CONTAINER, max_map_len=MAX_CONTAINER)
+    except Exception as exc:  # msgpack raises many unrelated types on bad input
+        raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
+    if type(obj) is not list or not obj or type(obj[0]) is not int:
+        raise ProtocolError("frame is not a message array")
+    spec = _BY_KIND.get(obj[0])
+    if spec is None:
+        raise ProtocolError(f"unknown message kind {obj[0]!r}")
+    cls, types, required = spec
+    fields = obj[1 : 1 + len(types)]  # later versions may append fields: ignore them
+    if len(fields) < required:
+        raise ProtocolError(f"{cls.__name__} needs {required} fields, got {len(fields)}")
+    for value, expected in zip(fields, types, strict=False):
+        if not isinstance(value, expected) or type(value) is bool:
+            raise ProtocolError(f"{cls.__name__}: bad field {value!r:.40}")
+    return cls(*fields)
+
+
+def frame(body: bytes, mac: bytes = b"") -> bytes:
+    """Build a frame: header, then ``mac``, then ``body``."""
+    return HEADER.pack(len(mac) + len(body)) + mac + body
+
+
+class FrameBuffer:
+    """Splits a byte stream into frames, refusing any frame over ``max_frame`` bytes.
+
+    The length is checked as soon as the header arrives, before the frame's bytes are
+    read, so an oversized claim costs nothing.
+    """
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes and return the frames they complete (without headers).
+
+        Raises:
+            ProtocolError: A header claims more than ``max_frame`` bytes.
+
+        """
+        buf = self._buf
+        buf += data
+        frames = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (size,) = HEADER.unpack_from(buf, pos)
+            if size > self.max_frame:
+                raise ProtocolError(f"frame of {size} bytes exceeds the {self.max_frame} byte limit")
+            if end - pos - 4 < size:
+                break
+            frames.append(bytes(buf[pos + 4 : pos + 4 + size]))
+            pos += 4 + size
+        if pos:
+            del buf[:pos]
+        return frames
+
+
+def read_frame(stream: BinaryIO, max_frame: int) -> bytes | None:
+    """Read one frame body from a blocking stream; None at a clean end of stream.
+
+    Raises:
+        ProtocolError: The stream ended inside a frame or the frame is too large.
+
+    """
+    header = stream.read(4)
+    if not header:
+        return None
+    if len(header) < 4:
+        raise ProtocolError("stream ended inside a frame header")
+    (size,) = HEADER.unpack(header)
+    if size > max_frame:
+        raise ProtocolError(f"frame of {size} bytes exceeds the {max_frame} byte limit")
+    body = stream.read(size)
+    if len(body) < size:
+        raise ProtocolError("stream ended inside a frame")
+    return body
+
+
+def iter_frames(read: Callable[[], bytes | None]) -> Iterator[bytes]:
+    """Yield frames from ``read`` until it returns None."""
+    while (body := read()) is not None:
+        yield body

@@ -1,0 +1,85 @@
+"""The loop each pool process runs: read a task from stdin, run it, write the reply.
+
+Started by :class:`argon.pool.Pool` as ``python -m argon.runner PARENT_PID MAX_FRAME``.
+Frames on stdin are :class:`~argon.protocol.Task` messages; each gets exactly one
+:class:`~argon.protocol.Result` or :class:`~argon.protocol.Failure` on stdout. Before
+the first task the process announces itself with a :class:`~argon.protocol.Hello`.
+
+The process keeps private copies of its pipes and points file descriptors 0 and 1 at
+``/dev/null`` and stderr, so a task that prints or reads stdin cannot corrupt the frame
+stream. It exits on end of input, and is killed if its parent dies.
+
+It imports no gevent: a pool process is a plain, single-threaded Python process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+from typing import BinaryIO
+
+from argon.protocol import VERSION, Failure, Hello, Result, Task, decode, encode, frame, read_frame
+from argon.serialize import LoadedFunctions, dumps, dumps_exception, loads
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, signum: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``signum`` to this process when its parent exits.
+
+    Elsewhere this does nothing. If the parent is already gone, exit at once.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _private_pipes() -> tuple[BinaryIO, BinaryIO]:
+    stdin = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
+    stdout = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    return stdin, stdout
+
+
+def run(task: Task, functions: LoadedFunctions) -> Result | Failure:
+    """Run one task; every exception it raises becomes a ``TaskError`` failure."""
+    try:
+        func = functions.get(task.func)
+        args, kwargs = loads(task.args)
+        value = func(*args, **(kwargs or {}))
+        return Result(task.id, dumps(value))
+    except BaseException as exc:  # the task's own errors, SystemExit included, go to the client
+        payload, message, text = dumps_exception(exc)
+        return Failure(task.id, "TaskError", message, payload, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve tasks on stdin until it closes."""
+    args = sys.argv[1:] if argv is None else argv
+    parent, max_frame = int(args[0]), int(args[1])
+    # Ctrl-C reaches the whole process group: let the worker decide when tasks stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent)
+    stdin, stdout = _private_pipes()
+    functions = LoadedFunctions()
+    stdout.write(frame(encode(Hello(VERSION, "pool", str(os.getpid())))))
+    stdout.flush()
+    while (body := read_frame(stdin, max_frame)) is not None:
+        task = decode(body)
+        if type(task) is not Task:
+            return 2
+        stdout.write(frame(encode(run(task, functions))))
+        stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

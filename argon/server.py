@@ -1,0 +1,231 @@
+"""What managers and stand-alone workers share: listening, admitting peers, serving clients.
+
+A :class:`Server` owns a gevent ``StreamServer``. Each accepted socket gets one
+greenlet that runs the handshake (refusing non-loopback peers when there is no key),
+then hands the :class:`~argon.connection.Connection` to the subclass. Client links are
+served here: tasks go to :meth:`Server.submit`, status requests to
+:meth:`Server.status`, cancellations to :meth:`Server.cancel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import ssl
+import time
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent.server import StreamServer
+
+from argon import defaults
+from argon._version import __version__
+from argon.connection import Connection, accept
+from argon.errors import ArgonError, ConnectionLost, ProtocolError
+from argon.protocol import Bye, Cancel, Failure, Message, Result, StatusReply, StatusRequest, Task
+from argon.security import is_loopback, refuse
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Settings every server takes; see ``argon --help`` for their meaning."""
+
+    host: str = defaults.HOST
+    port: int = 0
+    queue_size: int | None = None
+    key: bytes | None = None
+    insecure: bool = False
+    max_frame: int = defaults.MAX_FRAME
+    max_connections: int = defaults.MAX_CONNECTIONS
+    heartbeat: float = defaults.HEARTBEAT
+    grace: float = defaults.GRACE
+    tls: ssl.SSLContext | None = None
+
+
+class ClientLink:
+    """A connected client and the tasks it has in this server."""
+
+    __slots__ = ("conn", "jobs")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.jobs: dict[int, Any] = {}
+
+    def reply(self, msg: Result | Failure) -> None:
+        """Send a task's reply if the task is still wanted and the client still here."""
+        if self.jobs.pop(msg.id, None) is not None and not self.conn.closed:
+            self.conn.send(msg)
+
+
+class Server:
+    """Base of :class:`~argon.manager.Manager` and :class:`~argon.worker.Worker`.
+
+    Subclasses set :attr:`role` and implement :meth:`handle`, :meth:`submit`,
+    :meth:`cancel`, :meth:`client_gone` and :meth:`status`.
+    """
+
+    role = "server"
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self.address: tuple[str, int] = (config.host, config.port)
+        self.completed = 0
+        self.failed = 0
+        self.rejected = 0
+        self.stopping = False
+        self._connections: set[Connection] = set()
+        self._server: StreamServer | None = None
+        self._stopped = gevent.event.Event()
+
+    @property
+    def name(self) -> str:
+        """``host:port`` this server listens on."""
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def start(self) -> None:
+        """Bind and start accepting connections (port 0 picks a free port)."""
+        config = self.config
+        if config.key is None and not config.insecure and not is_loopback(config.host):
+            log.warning(
+                "listening on %s without a key: only loopback peers will be admitted;"
+                " create a key with 'argon keygen FILE' and pass --key FILE",
+                config.host,
+            )
+        self._server = StreamServer((config.host, config.port), self._accept)
+        self._server.start()
+        self.address = self._server.address[:2]
+        log.info("%s listening on %s", self.role, self.name)
+
+    def serve_forever(self) -> None:
+        """Start (if needed) and block until :meth:`shutdown` has finished."""
+        if self._server is None:
+            self.start()
+        self._stopped.wait()
+
+    def _accept(self, sock: Any, address: tuple[Any, ...]) -> None:
+        peer = f"{address[0]}:{address[1]}"
+        config = self.config
+        if self.stopping or len(self._connections) >= config.max_connections:
+            why = "server is shutting down" if self.stopping else f"too many connections ({config.max_connections})"
+            log.warning("refusing %s: %s", peer, why)
+            with contextlib.suppress(OSError):
+                refuse(sock, why)
+            sock.close()
+            return
+        allowed = config.key is not None or config.insecure or is_loopback(address[0])
+        try:
+            conn = accept(
+                sock,
+                address,
+                role=self.role,
+                name=self.name,
+                key=config.key,
+                allowed=allowed,
+                max_frame=config.max_frame,
+                tls=config.tls,
+            )
+        except (ArgonError, OSError) as exc:
+            log.warning("handshake with %s failed: %s", peer, exc)
+            sock.close()
+            return
+        self._connections.add(conn)
+        try:
+            self.handle(conn)
+        finally:
+            self._connections.discard(conn)
+            conn.close()
+
+    def handle(self, conn: Connection) -> None:
+        """Serve one admitted connection until it closes."""
+        raise NotImplementedError
+
+    def serve_client(self, conn: Connection) -> None:
+        """Serve a client link: tasks, cancellations, status requests."""
+        client = ClientLink(conn)
+        log.debug("client %s connected", conn.peer)
+        reason = conn.serve(lambda msg: self._client_message(client, msg), self.config.heartbeat, misses=0)
+        log.debug("client %s left: %s", conn.peer, reason)
+        self.client_gone(client)
+
+    def _client_message(self, client: ClientLink, msg: Message) -> None:
+        kind = type(msg)
+        if kind is Task:
+            if msg.id in client.jobs:
+                raise ProtocolError(f"task id {msg.id} is already in use")
+            if self.stopping:
+                self.reject(client, msg, f"{self.role} {self.name} is shutting down")
+            else:
+                self.submit(client, msg)
+        elif kind is StatusRequest:
+            client.conn.send(StatusReply(msg.id, self.status()))
+        elif kind is Cancel:
+            self.cancel(client, msg.id)
+        elif kind is Bye:
+            client.conn.close("client said goodbye")
+        else:
+            raise ProtocolError(f"a client may not send {kind.__name__}")
+
+    def reject(self, client: ClientLink, task: Task, why: str) -> None:
+        """Refuse a task at once (the client retries it later)."""
+        self.rejected += 1
+        client.conn.send(Failure(task.id, "TaskRejected", why))
+
+    def submit(self, client: ClientLink, task: Task) -> None:
+        """Accept, queue or reject a task from a client."""
+        raise NotImplementedError
+
+    def cancel(self, client: ClientLink, task_id: int) -> None:
+        """Drop a client's task if it has not started; it then fails with ``TaskCancelled``."""
+        raise NotImplementedError
+
+    def client_gone(self, client: ClientLink) -> None:
+        """Forget a departed client's queued tasks."""
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any]:
+        """The figures ``Client.status()`` returns."""
+        raise NotImplementedError
+
+    def base_status(self) -> dict[str, Any]:
+        """Fields every server reports."""
+        return {
+            "role": self.role,
+            "name": self.name,
+            "version": __version__,
+            "uptime": round(time.time() - self.started, 1),
+            "completed": self.completed,
+            "failed": self.failed,
+            "rejected": self.rejected,
+            "clients": self.clients(),
+            "stopping": self.stopping,
+            "queue_size": self.config.queue_size,
+        }
+
+    def clients(self) -> int:
+        """Connected clients."""
+        return sum(1 for c in self._connections if c.hello is not None and c.hello.role == "client")
+
+    def say_goodbye(self, reason: str) -> None:
+        """Stop listening and tell every connected peer this server is going away."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            with contextlib.suppress(ConnectionLost):
+                conn.send(Bye(reason))
+
+    def close_connections(self, timeout: float = 2.0) -> None:
+        """Flush what is queued to every peer (within ``timeout``), then close them all."""
+        deadline = time.monotonic() + timeout
+        for conn in list(self._connections):
+            conn.flush(max(0.0, deadline - time.monotonic()))
+            conn.close("server stopped")
+
+    def stopped(self) -> None:
+        """Mark the server as fully stopped (releases :meth:`serve_forever`)."""
+        self._stopped.set()

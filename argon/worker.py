@@ -1,0 +1,281 @@
+"""The worker: a pool of Python processes, serving a manager or clients directly.
+
+Stand-alone (no manager), the worker listens for clients and queues their tasks for its
+pool, rejecting new ones beyond ``queue_size`` waiting tasks.
+
+Managed (``manager=(host, port)``), it dials the manager, registers its capacity and
+runs what the manager sends. If the link drops it reconnects with capped backoff and
+registers again. Tasks the manager sent that had not started are dropped at once (the
+manager re-sends them elsewhere); tasks already running finish, but their results
+belong to a connection that is gone, so they are logged and counted as ``discarded``
+rather than delivered. Until those tasks finish, the processes they hold are
+registered as busy. A managed worker still listens, for status requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import socket
+import ssl
+import time
+import uuid
+from typing import Any
+
+import gevent
+import psutil
+
+from argon import defaults
+from argon.connection import Connection, connect
+from argon.errors import ArgonError, AuthenticationError, ConnectionLost
+from argon.pool import Job, Pool, Reply
+from argon.protocol import Bye, Failure, Message, Ready, Register, Stats, StatusReply, StatusRequest, Task
+from argon.server import ClientLink, Server, ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class WorkerConfig(ServerConfig):
+    """Worker settings on top of :class:`~argon.server.ServerConfig`."""
+
+    manager: tuple[str, int] | None = None
+    workers: int | None = None
+    max_requests: int | None = None
+    manager_tls: ssl.SSLContext | None = None
+
+
+class Worker(Server):
+    """A process pool behind a server socket and, optionally, a manager link."""
+
+    role = "worker"
+
+    def __init__(self, config: WorkerConfig | None = None) -> None:
+        config = config or WorkerConfig()
+        super().__init__(config)
+        self.config: WorkerConfig = config
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.pool = Pool(config.workers, max_requests=config.max_requests, max_frame=config.max_frame)
+        self.discarded = 0
+        self._link: Connection | None = None
+        self._session = 0
+        self._linker: gevent.Greenlet | None = None
+
+    @property
+    def managed(self) -> bool:
+        """Whether this worker serves a manager."""
+        return self.config.manager is not None
+
+    def start(self) -> None:
+        """Start the pool, then listen, then (if managed) dial the manager."""
+        self.pool.start()
+        super().start()
+        if self.config.manager is not None:
+            self._linker = gevent.spawn(self._manager_loop, *self.config.manager)
+
+    def handle(self, conn: Connection) -> None:
+        """Serve a client (a managed worker only answers status requests)."""
+        assert conn.hello is not None
+        if conn.hello.role == "client":
+            self.serve_client(conn)
+        else:
+            log.warning("refusing %s: a worker does not accept %r peers", conn.peer, conn.hello.role)
+
+    # -- stand-alone: tasks from clients --------------------------------------------------------
+
+    def submit(self, client: ClientLink, task: Task) -> None:
+        """Queue a client's task for the pool, or reject it."""
+        if self.config.manager is not None:
+            client.conn.send(
+                Failure(
+                    task.id,
+                    "ProtocolError",
+                    f"worker {self.name} takes tasks only from"
+                    f" its manager at {self.config.manager[0]}:{self.config.manager[1]}",
+                )
+            )
+            return
+        limit = self.config.queue_size
+        pool = self.pool
+        if limit is not None and pool.outstanding - pool.size >= limit:
+            self.reject(client, task, f"worker {self.name} queue is full ({pool.queued} tasks waiting)")
+            return
+        job = Job(task, self._count_and(client.reply), client)
+        client.jobs[task.id] = job
+        pool.submit(job)
+
+    def _count_and(self, deliver: Any) -> Any:
+        def done(reply: Reply) -> None:
+            if type(reply) is Failure:
+                self.failed += 1
+            else:
+                self.completed += 1
+            deliver(reply)
+
+        return done
+
+    def cancel(self, client: ClientLink, task_id: int) -> None:
+        """Drop a client's task if it is still waiting for a process."""
+        job = client.jobs.get(task_id)
+        if job is not None and self.pool.cancel(lambda j: j is job):
+            client.reply(Failure(task_id, "TaskCancelled", "task cancelled before it started"))
+
+    def client_gone(self, client: ClientLink) -> None:
+        """Drop the departed client's queued tasks; running ones finish unseen."""
+        client.jobs.clear()
+        self.pool.cancel(lambda job: job.tag is client)
+
+    # -- managed: the link to the manager ---------------------------------------------------------
+
+    def _manager_loop(self, host: str, port: int) -> None:
+        delay = 0.1
+        while not self.stopping:
+            try:
+                conn = connect(
+                    host,
+                    port,
+                    role="worker",
+                    name=self.name,
+                    key=self.config.key,
+                    max_frame=self.config.max_frame,
+                    tls=self.config.manager_tls,
+                )
+            except AuthenticationError as exc:
+                log.error("manager %s:%d refused this worker: %s", host, port, exc)
+            except (ArgonError, OSError) as exc:
+                log.log(
+                    logging.INFO if delay > 0.1 else logging.WARNING, "cannot reach manager %s:%d: %s", host, port, exc
+                )
+            else:
+                delay = 0.1
+                self._serve_manager(conn)
+                if self.stopping:
+                    return
+            gevent.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, defaults.RECONNECT_MAX_DELAY)
+
+    def _serve_manager(self, conn: Connection) -> None:
+        self._session += 1
+        session = self._session
+        free = max(0, self.pool.size - self.pool.outstanding)
+        conn.send_now(Register(self.id, self.address[0], self.address[1], self.pool.size, free, os.getpid()))
+        self._link = conn
+        log.info("registered with manager %s (%d of %d processes free)", conn.peer, free, self.pool.size)
+        reporter = gevent.spawn(self._report_stats, conn)
+        reason = conn.serve(lambda msg: self._manager_message(conn, session, msg), self.config.heartbeat)
+        reporter.kill(block=False)
+        self._link = None
+        dropped = self.pool.cancel(lambda job: job.tag == session)
+        if not self.stopping:
+            log.warning(
+                "lost manager %s (%s); %d queued tasks left to the manager to re-send, %d still running; reconnecting",
+                conn.peer,
+                reason,
+                len(dropped),
+                self.pool.running,
+            )
+
+    def _manager_message(self, conn: Connection, session: int, msg: Message) -> None:
+        kind = type(msg)
+        if kind is Task:
+            self.pool.submit(Job(msg, lambda reply: self._managed_done(session, reply), session))  # type: ignore[arg-type]
+        elif kind is StatusRequest:
+            conn.send(StatusReply(msg.id, self.status()))  # type: ignore[union-attr]
+        elif kind is Bye:
+            log.info("manager %s says: %s", conn.peer, msg.reason)  # type: ignore[union-attr]
+        else:
+            log.warning("ignoring unexpected %s from manager %s", kind.__name__, conn.peer)
+
+    def _managed_done(self, session: int, reply: Reply) -> None:
+        if type(reply) is Failure:
+            self.failed += 1
+        else:
+            self.completed += 1
+        link = self._link
+        if session == self._session and link is not None and not link.closed:
+            link.send(reply)
+            return
+        self.discarded += 1
+        log.warning(
+            "discarding the result of task %d: its manager connection is gone (the manager"
+            " re-sends tasks of lost workers)",
+            reply.id,
+        )
+        if link is not None and not link.closed:
+            link.send(Ready(1))  # the process it held was registered as busy
+
+    def _report_stats(self, conn: Connection) -> None:
+        while not conn.closed:
+            try:
+                conn.send(Stats(self._figures()))
+            except ConnectionLost:
+                return
+            gevent.sleep(max(self.config.heartbeat, 1.0) * 5)
+
+    # -- reporting and stopping -------------------------------------------------------------------
+
+    def _figures(self) -> dict[str, Any]:
+        processes = self.pool.processes()
+        try:
+            rss = psutil.Process().memory_info().rss
+        except psutil.Error:
+            rss = 0
+        return {
+            "rss": rss,
+            "pool_rss": sum(p["rss"] for p in processes),
+            "processes": processes,
+            "replaced": self.pool.replaced,
+            "discarded": self.discarded,
+            "uptime": round(time.time() - self.started, 1),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """This worker as its own one-worker network."""
+        pool = self.pool
+        me = {
+            **self._figures(),
+            "id": self.id,
+            "host": self.address[0],
+            "port": self.address[1],
+            "pid": os.getpid(),
+            "capacity": pool.size,
+            "busy": pool.running,
+            "completed": self.completed,
+            "failed": self.failed,
+            "draining": self.stopping,
+        }
+        manager = self.config.manager
+        return {
+            **self.base_status(),
+            "workers": [me],
+            "capacity": pool.size,
+            "busy": pool.running,
+            "queued": pool.queued,
+            "discarded": self.discarded,
+            "manager": f"{manager[0]}:{manager[1]}" if manager else None,
+            "manager_connected": self._link is not None and not self._link.closed,
+        }
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Drain: take no new tasks, finish those in hand within ``grace``, leave, stop."""
+        grace = self.config.grace if grace is None else grace
+        log.info("worker %s draining (grace %.0fs, %d tasks in hand)", self.name, grace, self.pool.outstanding)
+        self.say_goodbye(f"worker {self.name} is shutting down")
+        link = self._link
+        if link is not None:
+            with contextlib.suppress(ConnectionLost):
+                link.send(Bye("draining"))
+        if not self.pool.join(grace):
+            log.warning("grace period over; abandoning %d tasks", self.pool.outstanding)
+        if link is not None:
+            link.flush(2.0)
+            link.close("worker stopped")
+        if self._linker is not None:
+            self._linker.kill(block=False)
+        self.close_connections()
+        self.pool.close()
+        log.info("worker %s stopped", self.name)
+        self.stopped()

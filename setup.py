@@ -1,0 +1,43 @@
+"""Packaging for Argon: ``pip install .`` installs the package and the ``argon`` command."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+version: dict[str, str] = {}
+exec((HERE / "argon" / "_version.py").read_text(), version)
+
+setup(
+    name="argon-tasks",
+    version=version["__version__"],
+    description="A distributed task-processing network for Python: managers, workers and clients on gevent.",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["argon", "argon.*"]),
+    package_data={"argon": ["py.typed"]},
+    scripts=[],
+    entry_points={"console_scripts": ["argon = argon.cli:run"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "gevent>=23.9",
+        "msgpack>=1.0",
+        "dill>=0.3.8",
+        "docopt-ng>=0.9",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6"],
+        "lint": ["ruff>=0.5", "mypy>=1.8"],
+    },
+    classifiers=[
+        "License :: OSI Approved :: MIT License",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Topic :: System :: Distributed Computing",
+    ],
+)
