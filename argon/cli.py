@@ -121,7 +121,6 @@ def build_config(args: dict[str, Any]) -> ServerConfig:
     Raises:
         UsageError: An option has a bad value.
         AuthenticationError: The key file cannot be used.
-
     """
     common: dict[str, Any] = {
         "host": args["--host"] or defaults.HOST,

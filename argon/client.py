@@ -85,7 +85,6 @@ class Deferred:
             TaskTimeout: No result within ``timeout``; the task itself goes on, and calling
                 the deferred again waits again.
             Exception: Whatever the task raised, or an :class:`~argon.errors.ArgonError`.
-
         """
         if self._outcome is None:
             if timeout is None:
@@ -107,7 +106,6 @@ class Deferred:
             False if the result is already here; True if the request was sent. A task
             that was cancelled in time fails with :class:`~argon.errors.TaskCancelled`;
             one that had started completes normally.
-
         """
         if self.done():
             return False
@@ -149,7 +147,6 @@ class Client:
     Raises:
         ConnectionLost: The server cannot be reached.
         AuthenticationError: The server and this client do not hold the same key.
-
     """
 
     def __init__(
@@ -213,7 +210,6 @@ class Client:
 
         Returns:
             A :class:`Deferred`; call it to wait for the result.
-
         """
         if self._closed:
             raise ConnectionLost("client is closed")
@@ -234,7 +230,6 @@ class Client:
 
         Raises:
             Exception: Whatever the task raised, or an :class:`~argon.errors.ArgonError`.
-
         """
         return self.defer(func, args, kwargs, timeout)()
 
@@ -345,7 +340,7 @@ class Client:
     def _supervise(self, conn: Connection) -> None:
         """Serve the connection; when it drops, reconnect and re-send unanswered tasks."""
         while True:
-            reason = conn.serve(self._on_message, defaults.HEARTBEAT, defaults.CLIENT_HEARTBEAT_MISSES)
+            reason = conn.serve(self._on_message, defaults.CLIENT_HEARTBEAT_MISSES)
             self._connected.clear()
             self._conn = None
             if self._closed:

@@ -45,11 +45,18 @@ class Connection:
         hello: The peer's :class:`Hello` (set once the handshake is done).
         closed: Whether the connection has been closed.
         reason: Why it was closed.
-
     """
 
-    def __init__(self, sock: Any, peer: str, session: Session, max_frame: int = defaults.MAX_FRAME) -> None:
+    def __init__(
+        self,
+        sock: Any,
+        peer: str,
+        session: Session,
+        max_frame: int = defaults.MAX_FRAME,
+        heartbeat: float = defaults.HEARTBEAT,
+    ) -> None:
         self.sock = sock
+        self.heartbeat = heartbeat
         self.peer = peer
         self.hello: Hello | None = None
         self.closed = False
@@ -81,7 +88,6 @@ class Connection:
 
         Raises:
             ConnectionLost: The connection is closed.
-
         """
         if self.closed:
             raise ConnectionLost(f"connection to {self.peer} is closed: {self.reason}")
@@ -126,7 +132,6 @@ class Connection:
         Raises:
             ConnectionResetError: The peer closed the connection.
             ProtocolError: The peer sent something invalid.
-
         """
         while not self._backlog:
             data = self.sock.recv(RECV_SIZE)
@@ -136,30 +141,27 @@ class Connection:
         body = self._backlog.pop(0)
         return decode(self._checker.verify(body) if self._checker else body)
 
-    def serve(
-        self,
-        handler: Callable[[Message], None],
-        heartbeat: float | None = None,
-        misses: int = defaults.HEARTBEAT_MISSES,
-    ) -> str:
+    def serve(self, handler: Callable[[Message], None], misses: int = defaults.HEARTBEAT_MISSES) -> str:
         """Run the connection until it closes, passing each message to ``handler``.
+
+        While the link is idle a ping goes out every :attr:`heartbeat` seconds (or the
+        peer's announced interval, if shorter).
 
         Args:
             handler: Called in this greenlet for every message but heartbeats; it must not
                 block. An exception from it closes this connection (and is logged).
-            heartbeat: Send a ping after this many idle seconds. None: no heartbeats.
-            misses: Close the connection when nothing arrives for ``misses`` heartbeats
-                (0: never; the peer is then watched by TCP keepalive alone).
+            misses: Close the connection when nothing arrives for ``misses`` of this
+                side's heartbeats (0: never; the peer is then watched by TCP keepalive).
 
         Returns:
             Why the connection closed.
-
         """
         self._writer = gevent.spawn(self._write_loop)
         if self._out:
             self._wake.set()
-        if heartbeat:
-            self._keepalive = gevent.spawn(self._keepalive_loop, heartbeat, heartbeat * misses or None)
+        peer_interval = self.hello.heartbeat if self.hello is not None else 0.0
+        interval = min(self.heartbeat, peer_interval or self.heartbeat)
+        self._keepalive = gevent.spawn(self._keepalive_loop, interval, self.heartbeat * misses or None)
         reason = "closed"
         try:
             for body in self._backlog:
@@ -235,9 +237,9 @@ def _tune(sock: Any) -> None:
             sock.setsockopt(_stdsocket.IPPROTO_TCP, getattr(_stdsocket, name), value)
 
 
-def _hello(role: str, name: str) -> Hello:
+def _hello(role: str, name: str, heartbeat: float) -> Hello:
     version = ".".join(map(str, sys.version_info[:3]))
-    return Hello(VERSION, role, name, __version__, version, SERIALIZER)
+    return Hello(VERSION, role, name, __version__, version, SERIALIZER, heartbeat)
 
 
 def _check_hello(msg: Message, peer: str) -> Hello:
@@ -258,6 +260,7 @@ def connect(
     timeout: float = defaults.CONNECT_TIMEOUT,
     max_frame: int = defaults.MAX_FRAME,
     tls: _stdssl.SSLContext | None = None,
+    heartbeat: float = defaults.HEARTBEAT,
 ) -> Connection:
     """Dial a server, run the handshake and exchange hellos.
 
@@ -270,12 +273,12 @@ def connect(
         timeout: Bound on connecting plus the whole handshake.
         max_frame: Largest frame accepted from the server.
         tls: A client-side SSL context to wrap the socket in, or None.
+        heartbeat: This side's heartbeat interval (see :meth:`Connection.serve`).
 
     Raises:
         ConnectionLost: The server could not be reached or hung up during the handshake.
         AuthenticationError: See :func:`argon.security.client_handshake`.
         ProtocolError: The server is not a compatible Argon peer.
-
     """
     server = f"{host}:{port}"
     sock = None
@@ -286,8 +289,8 @@ def connect(
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=host)
             session = client_handshake(sock, key, server)
-            conn = Connection(sock, server, session, max_frame)
-            conn.send_now(_hello(role, name))
+            conn = Connection(sock, server, session, max_frame, heartbeat)
+            conn.send_now(_hello(role, name, heartbeat))
             conn.hello = _check_hello(conn.recv_message(), server)
             return conn
     except OSError as exc:
@@ -311,6 +314,7 @@ def accept(
     timeout: float = defaults.HANDSHAKE_TIMEOUT,
     max_frame: int = defaults.MAX_FRAME,
     tls: _stdssl.SSLContext | None = None,
+    heartbeat: float = defaults.HEARTBEAT,
 ) -> Connection:
     """Run the server side of a new connection's handshake.
 
@@ -324,11 +328,11 @@ def accept(
         timeout: Bound on the whole handshake.
         max_frame: Largest frame accepted from the peer.
         tls: A server-side SSL context, or None.
+        heartbeat: This side's heartbeat interval (see :meth:`Connection.serve`).
 
     Raises:
         ArgonError: The peer failed the handshake (the caller logs it and closes ``sock``);
             a peer that hung up gives :class:`ConnectionLost`.
-
     """
     peer = f"{address[0]}:{address[1]}"
     try:
@@ -345,9 +349,9 @@ def accept(
                 )
                 raise AuthenticationError("refused a non-loopback peer: this server has no key")
             session = server_handshake(sock, key)
-            conn = Connection(sock, peer, session, max_frame)
+            conn = Connection(sock, peer, session, max_frame, heartbeat)
             conn.hello = _check_hello(conn.recv_message(), peer)
-            conn.send_now(_hello(role, name))
+            conn.send_now(_hello(role, name, heartbeat))
             return conn
     except OSError as exc:
         raise ConnectionLost(f"{peer} dropped during the handshake: {exc}") from None

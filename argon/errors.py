@@ -45,7 +45,6 @@ class RemoteError(ArgonError):
     Attributes:
         type_name: The qualified name of the remote exception's type.
         remote_traceback: The formatted traceback from the worker.
-
     """
 
     def __init__(self, message: str, type_name: str = "", remote_traceback: str = "") -> None:

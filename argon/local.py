@@ -40,7 +40,6 @@ class LocalCluster:
 
         with LocalCluster(nodes=2, workers=2) as cluster, cluster.client() as client:
             assert client.queue(pow, [2, 10]) == 1024
-
     """
 
     def __init__(

@@ -189,7 +189,7 @@ class Manager(Server):
             else:
                 raise ProtocolError(f"unexpected {kind.__name__} from worker {conn.peer}")
 
-        reason = conn.serve(on_message, self.config.heartbeat)
+        reason = conn.serve(on_message)
         if link is not None:
             self._drop_worker(link, reason)
 

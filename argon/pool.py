@@ -69,7 +69,6 @@ class Job:
         task: The task to run; the reply carries the same id.
         done: Called once with the reply.
         tag: Anything the submitter wants to find the job by later.
-
     """
 
     __slots__ = ("done", "tag", "task")
@@ -102,7 +101,6 @@ class PoolProcess:
 
         Raises:
             ProcessDied: It exited or did not report in time.
-
         """
         try:
             with gevent.Timeout(timeout, ProcessDied(f"pool process {self.pid} did not start in {timeout}s")):
@@ -206,7 +204,6 @@ class Pool:
         max_requests: Replace a process after it has run this many tasks (None: never).
         max_frame: Largest frame a process may send back.
         python: Interpreter to start the processes with.
-
     """
 
     def __init__(

@@ -44,7 +44,8 @@ class Hello(NamedTuple):
         argon: The sender's Argon version.
         python: The sender's Python version (``3.11.7``).
         serializer: How task payloads are encoded (``pickle+dill``).
-
+        heartbeat: Seconds between the sender's heartbeats; the peer pings at least this
+            often, so the sender never mistakes an idle link for a dead one.
     """
 
     version: int
@@ -53,6 +54,7 @@ class Hello(NamedTuple):
     argon: str = ""
     python: str = ""
     serializer: str = ""
+    heartbeat: float = 0.0
 
 
 class Task(NamedTuple):
@@ -63,7 +65,6 @@ class Task(NamedTuple):
         func: The serialized callable (opaque bytes).
         args: The serialized ``(args, kwargs)`` pair (opaque bytes).
         timeout: Seconds the task may run before its process is killed, or None.
-
     """
 
     id: int
@@ -89,7 +90,6 @@ class Failure(NamedTuple):
         message: A one-line description.
         payload: For ``TaskError``, the serialized exception if it could be pickled.
         traceback: The formatted remote traceback, if any.
-
     """
 
     id: int
@@ -109,7 +109,6 @@ class Register(NamedTuple):
         capacity: Number of pool processes.
         free: Processes free right now (fewer than capacity after a reconnect).
         pid: The worker's process id.
-
     """
 
     id: str
@@ -165,7 +164,7 @@ Message = Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequ
 
 #: Wire kind of each message type, and the type of each field (checked on decode).
 _SPEC: dict[type, tuple[int, tuple[Any, ...]]] = {
-    Hello: (1, (int, str, str, str, str, str)),
+    Hello: (1, (int, str, str, str, str, str, (float, int))),
     Task: (2, (int, bytes, bytes, _OPT_FLOAT)),
     Result: (3, (int, bytes)),
     Failure: (4, (int, str, str, _OPT_BYTES, str)),
@@ -193,7 +192,6 @@ def encode(msg: Message) -> bytes:
 
     Returns:
         The msgpack body.
-
     """
     return msgpack.packb([_KIND[type(msg)], *msg])
 
@@ -210,7 +208,6 @@ def decode(body: bytes | memoryview) -> Message:
     Raises:
         ProtocolError: The body is not valid msgpack, not a known message, or a field
             has the wrong type.
-
     """
     try:
         # On a complete frame, msgpack bounds every string and bin by the frame length,
@@ -254,7 +251,6 @@ class FrameBuffer:
 
         Raises:
             ProtocolError: A header claims more than ``max_frame`` bytes.
-
         """
         buf = self._buf
         buf += data
@@ -279,7 +275,6 @@ def read_frame(stream: BinaryIO, max_frame: int) -> bytes | None:
 
     Raises:
         ProtocolError: The stream ended inside a frame or the frame is too large.
-
     """
     header = stream.read(4)
     if not header:

@@ -56,7 +56,6 @@ def write_key_file(path: str | os.PathLike[str]) -> Path:
 
     Raises:
         FileExistsError: The file exists already (keys are never overwritten).
-
     """
     target = Path(path)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -71,7 +70,6 @@ def load_key_file(path: str | os.PathLike[str]) -> bytes:
     Raises:
         AuthenticationError: The file is readable or writable by group or others, or
             too short to be a key.
-
     """
     target = Path(path)
     try:
@@ -92,7 +90,6 @@ def parse_key(data: bytes | str, origin: str = "key") -> bytes:
 
     Raises:
         AuthenticationError: The key is shorter than 16 bytes.
-
     """
     text = data.strip() if isinstance(data, bytes) else data.strip().encode()
     try:
@@ -148,7 +145,6 @@ class FrameSigner:
 
         Raises:
             ProtocolError: The MAC does not match (altered, replayed or reordered frame).
-
         """
         if len(data) < MAC_BYTES:
             raise ProtocolError("frame too short to carry a MAC")
@@ -209,7 +205,6 @@ def server_handshake(sock: Stream, key: bytes | None) -> Session:
     Raises:
         AuthenticationError: The client lacks the key or proved a different one.
         ProtocolError: The client sent something that is not the handshake.
-
     """
     if key is None:
         _send_line(sock, "open")
@@ -241,7 +236,6 @@ def client_handshake(sock: Stream, key: bytes | None, server: str) -> Session:
         AuthenticationError: The server refused us, lacks a key we hold, requires one we
             lack, or could not prove it holds ours.
         ProtocolError: The server is not speaking the Argon handshake.
-
     """
     line, rest = _read_line(sock)
     if line.startswith(b"refused"):

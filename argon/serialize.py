@@ -178,7 +178,6 @@ def dumps_exception(exc: BaseException) -> tuple[bytes | None, str, str]:
     Returns:
         ``(payload, message, traceback)``: payload is None when the exception cannot be
         pickled and unpickled again (the client then raises :class:`RemoteError`).
-
     """
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     message = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"

@@ -128,6 +128,7 @@ class Server:
                 allowed=allowed,
                 max_frame=config.max_frame,
                 tls=config.tls,
+                heartbeat=config.heartbeat,
             )
         except (ArgonError, OSError) as exc:
             log.warning("handshake with %s failed: %s", peer, exc)
@@ -148,7 +149,7 @@ class Server:
         """Serve a client link: tasks, cancellations, status requests."""
         client = ClientLink(conn)
         log.debug("client %s connected", conn.peer)
-        reason = conn.serve(lambda msg: self._client_message(client, msg), self.config.heartbeat, misses=0)
+        reason = conn.serve(lambda msg: self._client_message(client, msg), misses=0)
         log.debug("client %s left: %s", conn.peer, reason)
         self.client_gone(client)
 

@@ -30,7 +30,7 @@ import psutil
 
 from argon import defaults
 from argon.connection import Connection, connect
-from argon.errors import ArgonError, AuthenticationError, ConnectionLost
+from argon.errors import ArgonError, ConnectionLost
 from argon.pool import Job, Pool, Reply
 from argon.protocol import Bye, Failure, Message, Ready, Register, Stats, StatusReply, StatusRequest, Task
 from argon.server import ClientLink, Server, ServerConfig
@@ -132,6 +132,7 @@ class Worker(Server):
 
     def _manager_loop(self, host: str, port: int) -> None:
         delay = 0.1
+        failures = 0
         while not self.stopping:
             try:
                 conn = connect(
@@ -142,15 +143,14 @@ class Worker(Server):
                     key=self.config.key,
                     max_frame=self.config.max_frame,
                     tls=self.config.manager_tls,
+                    heartbeat=self.config.heartbeat,
                 )
-            except AuthenticationError as exc:
-                log.error("manager %s:%d refused this worker: %s", host, port, exc)
             except (ArgonError, OSError) as exc:
-                log.log(
-                    logging.INFO if delay > 0.1 else logging.WARNING, "cannot reach manager %s:%d: %s", host, port, exc
-                )
+                failures += 1
+                if failures == 1 or failures % 30 == 0:  # say it once, then now and then
+                    log.warning("cannot reach manager %s:%d (attempt %d): %s", host, port, failures, exc)
             else:
-                delay = 0.1
+                delay, failures = 0.1, 0
                 self._serve_manager(conn)
                 if self.stopping:
                     return
@@ -165,7 +165,7 @@ class Worker(Server):
         self._link = conn
         log.info("registered with manager %s (%d of %d processes free)", conn.peer, free, self.pool.size)
         reporter = gevent.spawn(self._report_stats, conn)
-        reason = conn.serve(lambda msg: self._manager_message(conn, session, msg), self.config.heartbeat)
+        reason = conn.serve(lambda msg: self._manager_message(conn, session, msg))
         reporter.kill(block=False)
         self._link = None
         dropped = self.pool.cancel(lambda job: job.tag == session)

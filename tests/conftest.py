@@ -60,7 +60,7 @@ class ArgonProcess:
         self.log_path = log_dir / f"{role}-{next(_counter)}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in kill()
         self.popen = gevent.subprocess.Popen(
-            [sys.executable, str(ARGON), role, "--port", str(port), *args],
+            [sys.executable, str(ARGON), role, "--port", str(port), "--verbose", *args],
             stdout=gevent.subprocess.PIPE, stderr=self._log, env=env or child_env(),
             start_new_session=True, cwd=str(log_dir),
         )
