@@ -7,14 +7,23 @@ Python processes, and results (or the tasks' exceptions) come back to the client
 
     with Client("127.0.0.1", 8000) as client:
         assert client.queue(lambda x, y: x + y, [4, 7]) == 11
+
+:class:`Client`, :class:`Deferred` and :class:`LocalCluster` are loaded on first use, so
+that ``import argon.manager`` (what a manager process runs) never loads the serializer:
+a manager only forwards task payloads, it never unpickles them.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from argon._version import __version__
-from argon.client import Client, Deferred
 from argon.errors import (
     ArgonError,
     AuthenticationError,
     ConnectionLost,
+    MessageTooLarge,
     ProcessDied,
     ProtocolError,
     RemoteError,
@@ -23,7 +32,12 @@ from argon.errors import (
     TaskTimeout,
     WorkerLost,
 )
-from argon.local import LocalCluster
+
+if TYPE_CHECKING:
+    from argon.client import Client, Deferred
+    from argon.local import LocalCluster
+
+_LAZY = {"Client": "argon.client", "Deferred": "argon.client", "LocalCluster": "argon.local"}
 
 __all__ = [
     "ArgonError",
@@ -32,6 +46,7 @@ __all__ = [
     "ConnectionLost",
     "Deferred",
     "LocalCluster",
+    "MessageTooLarge",
     "ProcessDied",
     "ProtocolError",
     "RemoteError",
@@ -41,3 +56,13 @@ __all__ = [
     "WorkerLost",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load :class:`Client`, :class:`Deferred` and :class:`LocalCluster` on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'argon' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -29,8 +29,17 @@ Options:
                         intervals is dropped (default: 1.0).
   --grace SECONDS       On SIGTERM or SIGINT, how long to finish running tasks
                         before exiting anyway (default: 30).
+  --tls-cert FILE       Serve TLS with this PEM certificate (with --tls-key).
+  --tls-key FILE        The PEM private key of --tls-cert.
+  --tls-ca FILE         Worker: dial the manager over TLS, trusting this PEM
+                        authority or self-signed certificate.
   --max-frame BYTES     Largest message accepted (default: 67108864).
+  --max-items N         Most elements in any list or map of a message
+                        (default: 100000).
   --max-connections N   Connections a server holds at once (default: 1024).
+  --handshake-timeout SECONDS
+                        Close a connection that has not finished the handshake
+                        (key proof and hello) in this time (default: 5).
   -v --verbose          Log progress (level INFO).
   --debug               Log everything (level DEBUG).
   -h --help             Show this help.
@@ -46,6 +55,7 @@ import logging
 import os
 import re
 import signal
+import ssl
 import sys
 from typing import Any
 
@@ -56,8 +66,8 @@ from argon import defaults
 from argon._version import __version__
 from argon.errors import ArgonError
 from argon.manager import Manager
-from argon.runner import die_with_parent
-from argon.security import load_key_file, write_key_file
+from argon.osutil import die_with_parent
+from argon.security import client_tls, load_key_file, server_tls, write_key_file
 from argon.server import Server, ServerConfig
 from argon.worker import Worker, WorkerConfig
 
@@ -74,7 +84,12 @@ _OPTIONS = (
     "--heartbeat",
     "--grace",
     "--max-frame",
+    "--max-items",
     "--max-connections",
+    "--handshake-timeout",
+    "--tls-cert",
+    "--tls-key",
+    "--tls-ca",
 )
 _FLAGS = ("--insecure", "--verbose", "--debug")
 
@@ -115,6 +130,13 @@ def _address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _server_tls(args: dict[str, Any]) -> ssl.SSLContext | None:
+    cert, key = args["--tls-cert"], args["--tls-key"]
+    if bool(cert) != bool(key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    return server_tls(cert, key) if cert else None
+
+
 def build_config(args: dict[str, Any]) -> ServerConfig:
     """Turn parsed options into a manager's or worker's config.
 
@@ -128,12 +150,15 @@ def build_config(args: dict[str, Any]) -> ServerConfig:
         "queue_size": _number(args, "--queue-size"),
         "key": load_key_file(args["--key"]) if args["--key"] else None,
         "insecure": bool(args["--insecure"]),
+        "tls": _server_tls(args),
     }
     for option, field, kind, minimum in (
         ("--heartbeat", "heartbeat", float, 0.05),
         ("--grace", "grace", float, 0),
         ("--max-frame", "max_frame", int, 1024),
+        ("--max-items", "max_items", int, 16),
         ("--max-connections", "max_connections", int, 1),
+        ("--handshake-timeout", "handshake_timeout", float, 0.1),
     ):
         value = _number(args, option, kind, minimum)
         if value is not None:
@@ -149,6 +174,7 @@ def build_config(args: dict[str, Any]) -> ServerConfig:
         manager=_address(args["--manager"]) if args["--manager"] else None,
         workers=_number(args, "--workers", int, 1),
         max_requests=_number(args, "--max-requests", int, 1),
+        manager_tls=client_tls(args["--tls-ca"]) if args["--tls-ca"] else None,
     )
 
 

@@ -28,9 +28,17 @@ import gevent.event
 
 from argon import defaults
 from argon.connection import Connection, connect
-from argon.errors import TASK_ERRORS, ArgonError, AuthenticationError, ConnectionLost, ProtocolError, TaskTimeout
+from argon.errors import (
+    TASK_ERRORS,
+    ArgonError,
+    AuthenticationError,
+    ConnectionLost,
+    MessageTooLarge,
+    ProtocolError,
+    TaskTimeout,
+)
 from argon.protocol import Bye, Cancel, Failure, Message, Result, StatusReply, StatusRequest, Task
-from argon.security import resolve_key
+from argon.security import as_client_tls, resolve_key
 from argon.serialize import FunctionCache, dumps, loads, loads_exception
 
 log = logging.getLogger(__name__)
@@ -41,13 +49,14 @@ _UNSENT, _SENT, _BACKOFF, _DONE = range(4)
 class _Pending:
     """A request the client has not had an answer to yet."""
 
-    __slots__ = ("msg", "result", "retries", "since", "state", "tries")
+    __slots__ = ("msg", "resends", "result", "retries", "since", "state", "tries")
 
     def __init__(self, msg: Task | StatusRequest, retries: int) -> None:
         self.msg = msg
         self.result = gevent.event.AsyncResult()
         self.retries = retries
         self.tries = 0
+        self.resends = 0
         self.state = _UNSENT
         self.since = time.monotonic()
 
@@ -142,7 +151,9 @@ class Client:
         timeout: Default seconds a deferred waits for its result (None: no limit).
         connect_timeout: Seconds allowed to connect and authenticate.
         reconnect_deadline: Seconds unanswered tasks wait for a lost connection to return.
-        tls: An ``ssl.SSLContext`` to encrypt the connection with, or None.
+        tls: Encrypt the connection: an ``ssl.SSLContext``, the path of a PEM file of the
+            authority (or self-signed certificate) to trust, True for the system's
+            authorities, or None for no TLS.
 
     Raises:
         ConnectionLost: The server cannot be reached.
@@ -160,7 +171,7 @@ class Client:
         *,
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
         reconnect_deadline: float = defaults.RECONNECT_DEADLINE,
-        tls: ssl.SSLContext | None = None,
+        tls: ssl.SSLContext | str | os.PathLike[str] | bool | None = None,
         max_frame: int = defaults.MAX_FRAME,
     ) -> None:
         self.host = host
@@ -170,7 +181,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.reconnect_deadline = reconnect_deadline
         self._key = resolve_key(key, key_file)
-        self._tls = tls
+        self._tls = as_client_tls(tls)
         self._max_frame = max_frame
         self._functions = FunctionCache()
         self._ids = itertools.count(1)
@@ -268,6 +279,9 @@ class Client:
                 pending.state = _SENT
                 pending.tries += 1
                 return
+            except MessageTooLarge as exc:
+                self._finish(pending.msg.id, exc)
+                return
             except ConnectionLost:
                 pass
         pending.state = _UNSENT
@@ -347,9 +361,19 @@ class Client:
                 return
             log.warning("lost connection to %s:%d (%s); reconnecting", self.host, self.port, reason)
             now = time.monotonic()
-            for pending in self._pending.values():
-                if pending.state == _SENT:
-                    pending.state, pending.since = _UNSENT, now
+            for task_id, pending in list(self._pending.items()):
+                if pending.state != _SENT:
+                    continue
+                pending.state, pending.since = _UNSENT, now
+                pending.resends += 1
+                if pending.resends > defaults.MAX_RESENDS:
+                    self._finish(
+                        task_id,
+                        ConnectionLost(
+                            f"the connection dropped {pending.resends} times while"
+                            f" this task was in flight (last: {reason})"
+                        ),
+                    )
             conn = self._reconnect()
             self._conn = conn
             self._connected.set()

@@ -27,8 +27,8 @@ import gevent.socket
 
 from argon import defaults
 from argon._version import __version__
-from argon.errors import AuthenticationError, ConnectionLost, ProtocolError
-from argon.protocol import VERSION, FrameBuffer, Hello, Message, Ping, decode, encode, frame
+from argon.errors import AuthenticationError, ConnectionLost, MessageTooLarge, ProtocolError
+from argon.protocol import VERSION, Failure, FrameBuffer, Hello, Message, Ping, Result, decode, encode, frame
 from argon.security import Session, client_handshake, refuse, server_handshake
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,11 @@ class Connection:
         session: Session,
         max_frame: int = defaults.MAX_FRAME,
         heartbeat: float = defaults.HEARTBEAT,
+        max_items: int = defaults.MAX_ITEMS,
     ) -> None:
         self.sock = sock
         self.heartbeat = heartbeat
+        self.max_items = max_items
         self.peer = peer
         self.hello: Hello | None = None
         self.closed = False
@@ -88,13 +90,28 @@ class Connection:
 
         Raises:
             ConnectionLost: The connection is closed.
+            MessageTooLarge: The peer announced a smaller frame limit.
         """
         if self.closed:
             raise ConnectionLost(f"connection to {self.peer} is closed: {self.reason}")
-        self._out.append(self._frame(msg))
+        data = self._frame(msg)
+        limit = self.hello.max_frame if self.hello is not None else 0
+        if limit and len(data) - 4 > limit:
+            raise MessageTooLarge(
+                f"a {type(msg).__name__} of {len(data) - 4} bytes exceeds the {limit} byte"
+                f" limit of {self.peer} (its --max-frame)"
+            )
+        self._out.append(data)
         if not self._wake.is_set():
             self._wake.set()
             self._idle.clear()
+
+    def reply(self, msg: Result | Failure) -> None:
+        """Send a task's reply; one too large for the peer goes as a failure saying so."""
+        try:
+            self.send(msg)
+        except MessageTooLarge as exc:
+            self.send(Failure(msg.id, "MessageTooLarge", str(exc)))
 
     def send_now(self, msg: Message) -> None:
         """Send one message from the calling greenlet (used before the writer runs)."""
@@ -124,7 +141,7 @@ class Connection:
         frames = self._frames.feed(data)
         if self._checker is not None:
             frames = [self._checker.verify(f) for f in frames]
-        return [decode(f) for f in frames]
+        return [decode(f, self.max_items) for f in frames]
 
     def recv_message(self) -> Message:
         """Read one message from the calling greenlet (handshake only; no writer yet).
@@ -139,7 +156,7 @@ class Connection:
                 raise ConnectionResetError(f"{self.peer} closed the connection")
             self._backlog = self._frames.feed(data)
         body = self._backlog.pop(0)
-        return decode(self._checker.verify(body) if self._checker else body)
+        return decode(self._checker.verify(body) if self._checker else body, self.max_items)
 
     def serve(self, handler: Callable[[Message], None], misses: int = defaults.HEARTBEAT_MISSES) -> str:
         """Run the connection until it closes, passing each message to ``handler``.
@@ -165,7 +182,7 @@ class Connection:
         reason = "closed"
         try:
             for body in self._backlog:
-                self._dispatch(decode(self._checker.verify(body) if self._checker else body), handler)
+                self._dispatch(decode(self._checker.verify(body) if self._checker else body, self.max_items), handler)
             self._backlog = []
             recv = self.sock.recv
             while not self.closed:
@@ -237,9 +254,9 @@ def _tune(sock: Any) -> None:
             sock.setsockopt(_stdsocket.IPPROTO_TCP, getattr(_stdsocket, name), value)
 
 
-def _hello(role: str, name: str, heartbeat: float) -> Hello:
+def _hello(role: str, name: str, heartbeat: float, max_frame: int) -> Hello:
     version = ".".join(map(str, sys.version_info[:3]))
-    return Hello(VERSION, role, name, __version__, version, SERIALIZER, heartbeat)
+    return Hello(VERSION, role, name, __version__, version, SERIALIZER, heartbeat, max_frame)
 
 
 def _check_hello(msg: Message, peer: str) -> Hello:
@@ -290,7 +307,7 @@ def connect(
                 sock = tls.wrap_socket(sock, server_hostname=host)
             session = client_handshake(sock, key, server)
             conn = Connection(sock, server, session, max_frame, heartbeat)
-            conn.send_now(_hello(role, name, heartbeat))
+            conn.send_now(_hello(role, name, heartbeat, max_frame))
             conn.hello = _check_hello(conn.recv_message(), server)
             return conn
     except OSError as exc:
@@ -315,6 +332,7 @@ def accept(
     max_frame: int = defaults.MAX_FRAME,
     tls: _stdssl.SSLContext | None = None,
     heartbeat: float = defaults.HEARTBEAT,
+    max_items: int = defaults.MAX_ITEMS,
 ) -> Connection:
     """Run the server side of a new connection's handshake.
 
@@ -329,6 +347,7 @@ def accept(
         max_frame: Largest frame accepted from the peer.
         tls: A server-side SSL context, or None.
         heartbeat: This side's heartbeat interval (see :meth:`Connection.serve`).
+        max_items: Most elements in any array or map of a message from the peer.
 
     Raises:
         ArgonError: The peer failed the handshake (the caller logs it and closes ``sock``);
@@ -349,9 +368,9 @@ def accept(
                 )
                 raise AuthenticationError("refused a non-loopback peer: this server has no key")
             session = server_handshake(sock, key)
-            conn = Connection(sock, peer, session, max_frame, heartbeat)
+            conn = Connection(sock, peer, session, max_frame, heartbeat, max_items)
             conn.hello = _check_hello(conn.recv_message(), peer)
-            conn.send_now(_hello(role, name, heartbeat))
+            conn.send_now(_hello(role, name, heartbeat, max_frame))
             return conn
     except OSError as exc:
         raise ConnectionLost(f"{peer} dropped during the handshake: {exc}") from None

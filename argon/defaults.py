@@ -50,6 +50,9 @@ RECONNECT_DEADLINE = 30.0
 MAX_ATTEMPTS = 3
 """Times a task is sent to a worker before a lost worker fails it with ``WorkerLost``."""
 
+MAX_RESENDS = 5
+"""Times a client re-sends a task after losing its connection before failing it."""
+
 GRACE = 30.0
 """Seconds a stopping worker or manager waits for running tasks before exiting anyway."""
 
@@ -58,6 +61,9 @@ STATUS_TIMEOUT = 10.0
 
 FUNCTION_CACHE = 256
 """Deserialized functions a pool process keeps, keyed by their serialized bytes."""
+
+MAX_ITEMS = 100_000
+"""Most elements an array or map in one message may hold (a guard against memory bombs)."""
 
 MAX_CONNECTIONS = 1024
 """Connections a server holds open at once; further ones are closed at accept."""

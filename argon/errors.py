@@ -11,6 +11,10 @@ class ProtocolError(ArgonError):
     """A peer sent something that is not valid Argon protocol; its connection is closed."""
 
 
+class MessageTooLarge(ProtocolError):
+    """A task, argument or result is larger than the receiving peer accepts (``--max-frame``)."""
+
+
 class AuthenticationError(ArgonError):
     """A peer could not prove it holds the shared key, or refused ours."""
 
@@ -75,6 +79,7 @@ TASK_ERRORS: dict[str, type[ArgonError]] = {
         WorkerLost,
         ConnectionLost,
         ProtocolError,
+        MessageTooLarge,
         RemoteError,
         AuthenticationError,
     )

@@ -23,7 +23,7 @@ import gevent
 
 from argon import defaults
 from argon.connection import Connection
-from argon.errors import ConnectionLost, ProtocolError
+from argon.errors import ConnectionLost, MessageTooLarge, ProtocolError
 from argon.protocol import Bye, Failure, Message, Ready, Register, Result, Stats, Task
 from argon.server import ClientLink, Server, ServerConfig
 
@@ -267,6 +267,11 @@ class Manager(Server):
             task = job.task
             try:
                 link.conn.send(Task(job.id, task.func, task.args, task.timeout))
+            except MessageTooLarge as exc:
+                del link.inflight[job.id]
+                self._free.add(link, 1)
+                self.failed += 1
+                job.client.reply(Failure(task.id, "MessageTooLarge", str(exc)))
             except ConnectionLost as exc:
                 self._drop_worker(link, str(exc))
 

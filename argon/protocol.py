@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import msgpack
 
+from argon import defaults
 from argon.errors import ProtocolError
 
 #: Bumped when a change would break older peers; older peers are refused at hello.
@@ -26,9 +27,6 @@ VERSION = 1
 
 #: Frame header: the length of the rest of the frame.
 HEADER = struct.Struct("!I")
-
-#: Largest array or map a message may hold (guards against memory bombs in small frames).
-MAX_CONTAINER = 100_000
 
 _OPT_FLOAT = (float, int, type(None))
 _OPT_BYTES = (bytes, type(None))
@@ -46,6 +44,8 @@ class Hello(NamedTuple):
         serializer: How task payloads are encoded (``pickle+dill``).
         heartbeat: Seconds between the sender's heartbeats; the peer pings at least this
             often, so the sender never mistakes an idle link for a dead one.
+        max_frame: Largest frame the sender accepts; the peer refuses to send a larger
+            one and reports a clear error instead (0: not announced).
     """
 
     version: int
@@ -55,6 +55,7 @@ class Hello(NamedTuple):
     python: str = ""
     serializer: str = ""
     heartbeat: float = 0.0
+    max_frame: int = 0
 
 
 class Task(NamedTuple):
@@ -164,7 +165,7 @@ Message = Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequ
 
 #: Wire kind of each message type, and the type of each field (checked on decode).
 _SPEC: dict[type, tuple[int, tuple[Any, ...]]] = {
-    Hello: (1, (int, str, str, str, str, str, (float, int))),
+    Hello: (1, (int, str, str, str, str, str, (float, int), int)),
     Task: (2, (int, bytes, bytes, _OPT_FLOAT)),
     Result: (3, (int, bytes)),
     Failure: (4, (int, str, str, _OPT_BYTES, str)),
@@ -196,11 +197,12 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb([_KIND[type(msg)], *msg])
 
 
-def decode(body: bytes | memoryview) -> Message:
+def decode(body: bytes | memoryview, max_items: int = defaults.MAX_ITEMS) -> Message:
     """Decode and validate a frame body.
 
     Args:
         body: The complete body of one frame (its length already checked).
+        max_items: Most elements any array or map in it may have.
 
     Returns:
         The message.
@@ -212,7 +214,7 @@ def decode(body: bytes | memoryview) -> Message:
     try:
         # On a complete frame, msgpack bounds every string and bin by the frame length,
         # so a short frame cannot claim a huge object.
-        obj = msgpack.unpackb(body, max_array_len=MAX_CONTAINER, max_map_len=MAX_CONTAINER)
+        obj = msgpack.unpackb(body, max_array_len=max_items, max_map_len=max_items)
     except Exception as exc:  # msgpack raises many unrelated types on bad input
         raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
     if type(obj) is not list or not obj or type(obj[0]) is not int:

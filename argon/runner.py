@@ -14,29 +14,14 @@ It imports no gevent: a pool process is a plain, single-threaded Python process.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
 import sys
 from typing import BinaryIO
 
+from argon.osutil import die_with_parent
 from argon.protocol import VERSION, Failure, Hello, Result, Task, decode, encode, frame, read_frame
 from argon.serialize import LoadedFunctions, dumps, dumps_exception, loads
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent: int, signum: int = signal.SIGKILL) -> None:
-    """Ask Linux to send ``signum`` to this process when its parent exits.
-
-    Elsewhere this does nothing. If the parent is already gone, exit at once.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _private_pipes() -> tuple[BinaryIO, BinaryIO]:
@@ -76,7 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         task = decode(body)
         if type(task) is not Task:
             return 2
-        stdout.write(frame(encode(run(task, functions))))
+        reply = encode(run(task, functions))
+        if len(reply) > max_frame:
+            reply = encode(
+                Failure(
+                    task.id,
+                    "MessageTooLarge",
+                    f"the result of {len(reply)} bytes exceeds the {max_frame} byte limit (--max-frame)",
+                )
+            )
+        stdout.write(frame(reply))
         stdout.flush()
     return 0
 

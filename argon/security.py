@@ -15,7 +15,8 @@ connection. Both sides then derive one key per direction from the nonces, and ev
 later frame carries ``HMAC(direction key, sequence number || body)``, checked before the
 body is parsed: a replayed, reordered, dropped or altered frame fails the check.
 
-This module never touches msgpack or pickle.
+TLS (optional) wraps the socket before the handshake; the key still authenticates the
+peers inside it. This module never touches msgpack or pickle.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import ssl
 import stat
 import struct
 from pathlib import Path
 from typing import Protocol
+
+import gevent.ssl
 
 from argon.errors import AuthenticationError, ProtocolError
 
@@ -120,6 +124,59 @@ def is_loopback(host: str) -> bool:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def server_tls(cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str]) -> ssl.SSLContext:
+    """A TLS context for a server presenting ``cert_file`` (PEM) with its private key.
+
+    Raises:
+        AuthenticationError: The certificate or key cannot be loaded.
+    """
+    context = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = gevent.ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert_file), str(key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise AuthenticationError(f"cannot load TLS certificate {cert_file} / key {key_file}: {exc}") from None
+    return context
+
+
+def client_tls(ca_file: str | os.PathLike[str] | None = None, *, verify: bool = True) -> ssl.SSLContext:
+    """A TLS context for dialing a server; it checks the server's certificate and name.
+
+    Args:
+        ca_file: PEM file of the authority (or the self-signed certificate) to trust;
+            None trusts the system's default authorities.
+        verify: False skips certificate checks (encryption without server identity: the
+            shared key still authenticates the peer).
+
+    Raises:
+        AuthenticationError: The CA file cannot be loaded.
+    """
+    context = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = gevent.ssl.TLSVersion.TLSv1_2
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = gevent.ssl.CERT_NONE
+    elif ca_file is not None:
+        try:
+            context.load_verify_locations(str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise AuthenticationError(f"cannot load TLS authority {ca_file}: {exc}") from None
+    else:
+        context.load_default_certs()
+    return context
+
+
+def as_client_tls(tls: ssl.SSLContext | str | os.PathLike[str] | bool | None) -> ssl.SSLContext | None:
+    """Turn a ``tls=`` argument (context, CA file, True for system CAs, or None) into a context."""
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return client_tls()
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    return client_tls(tls)
 
 
 class FrameSigner:

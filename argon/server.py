@@ -43,6 +43,8 @@ class ServerConfig:
     max_connections: int = defaults.MAX_CONNECTIONS
     heartbeat: float = defaults.HEARTBEAT
     grace: float = defaults.GRACE
+    handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
+    max_items: int = defaults.MAX_ITEMS
     tls: ssl.SSLContext | None = None
 
 
@@ -58,7 +60,7 @@ class ClientLink:
     def reply(self, msg: Result | Failure) -> None:
         """Send a task's reply if the task is still wanted and the client still here."""
         if self.jobs.pop(msg.id, None) is not None and not self.conn.closed:
-            self.conn.send(msg)
+            self.conn.reply(msg)
 
 
 class Server:
@@ -129,6 +131,8 @@ class Server:
                 max_frame=config.max_frame,
                 tls=config.tls,
                 heartbeat=config.heartbeat,
+                timeout=config.handshake_timeout,
+                max_items=config.max_items,
             )
         except (ArgonError, OSError) as exc:
             log.warning("handshake with %s failed: %s", peer, exc)

@@ -196,7 +196,7 @@ class Worker(Server):
             self.completed += 1
         link = self._link
         if session == self._session and link is not None and not link.closed:
-            link.send(reply)
+            link.reply(reply)
             return
         self.discarded += 1
         log.warning(

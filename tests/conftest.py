@@ -8,6 +8,7 @@ deadlines, never fixed sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -104,14 +105,10 @@ class ArgonProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole process group (pool processes too) and reap."""
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
+        with contextlib.suppress(gevent.subprocess.TimeoutExpired):
             self.popen.wait(timeout=10)
-        except gevent.subprocess.TimeoutExpired:
-            pass
         for pipe in (self.popen.stdout,):
             if pipe is not None:
                 pipe.close()

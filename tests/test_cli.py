@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from argon import __version__
+
 from conftest import ARGON, child_env
 
 CONTRACT_OPTIONS = ["--host", "--port", "--queue-size", "--key", "--manager", "--workers", "--max-requests",

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from argon import Client, ConnectionLost, ProcessDied, TaskTimeout, WorkerLost
+
 from conftest import wait_for
 
 HEARTBEAT = 0.2  # seconds; a silent peer is dropped after 4 heartbeats
@@ -148,7 +149,7 @@ def test_pool_process_killed_from_outside(net):
 def test_wait_timeout_and_default_timeout(net):
     manager, _, client = net.cluster(processes=1)
     deferred = client.defer(slow_echo, [5, 1.0])
-    with pytest.raises(TaskTimeout, match="within 0.2s"):
+    with pytest.raises(TaskTimeout, match=r"within 0\.2s"):
         deferred(timeout=0.2)
     assert deferred(timeout=30) == 5  # the task went on; waiting again gets the value
     impatient = net.client(manager, timeout=0.2)
@@ -184,7 +185,7 @@ def test_max_requests_recycles_without_losing_tasks(net, tmp_path):
 
 
 def test_task_that_keeps_killing_workers_fails_with_worker_lost(net):
-    manager, workers, client = net.cluster(workers=3, processes=1)
+    _manager, workers, client = net.cluster(workers=3, processes=1)
     with pytest.raises(WorkerLost, match="lost 3 times"):
         client.queue(kill_my_worker, timeout=None)
     assert sum(1 for w in workers if w.alive()) == 0
@@ -244,7 +245,7 @@ def test_sigterm_stops_a_manager_after_its_tasks(net):
 
 
 def test_worker_reconnects_when_the_manager_returns_later(net):
-    manager, (worker,), client = net.cluster(processes=1)
+    manager, (worker,), _client = net.cluster(processes=1)
     port = manager.port
     manager.signal(signal.SIGKILL)
     manager.wait()

@@ -11,6 +11,7 @@ import gevent
 import gevent.socket
 
 from argon.protocol import Hello, decode, encode, frame
+
 from conftest import wait_for
 
 

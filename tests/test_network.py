@@ -14,6 +14,7 @@ import pytest
 from argon import ProtocolError, RemoteError, TaskRejected
 from argon.errors import RemoteTraceback
 from argon.pool import default_size
+
 from conftest import child_env
 
 
@@ -140,7 +141,7 @@ def test_stand_alone_worker_serves_clients(net):
 
 
 def test_managed_worker_refuses_direct_tasks(net):
-    manager, (worker,), _ = net.cluster()
+    _manager, (worker,), _ = net.cluster()
     direct = net.client(worker)
     with pytest.raises(ProtocolError, match="only from its manager"):
         direct.queue(lambda: 1)
