@@ -24,6 +24,7 @@ from typing import Any
 import gevent
 import gevent.event
 import gevent.socket
+import gevent.ssl
 
 from argon import defaults
 from argon._version import __version__
@@ -69,6 +70,11 @@ class Connection:
         self._frames = FrameBuffer(max_frame)
         self._backlog = self._frames.feed(session.rest)
         self._out: list[bytes] = []
+        self._loop = gevent.get_hub().loop
+        # A plain socket is written straight from a hub callback; TLS goes through the writer.
+        self._raw = None if isinstance(sock, gevent.ssl.SSLSocket) else getattr(sock, "_sock", None)
+        self._scheduled = False
+        self._writing = False
         self._wake = gevent.event.Event()
         self._idle = gevent.event.Event()
         self._idle.set()
@@ -86,7 +92,7 @@ class Connection:
         return frame(body, self._signer.sign(body) if self._signer else b"")
 
     def send(self, msg: Message) -> None:
-        """Queue a message; the writer greenlet sends it with whatever else is pending.
+        """Queue a message; it goes out with everything else queued in this loop iteration.
 
         Raises:
             ConnectionLost: The connection is closed.
@@ -102,9 +108,38 @@ class Connection:
                 f" limit of {self.peer} (its --max-frame)"
             )
         self._out.append(data)
-        if not self._wake.is_set():
-            self._wake.set()
+        if not self._scheduled:
+            self._scheduled = True
             self._idle.clear()
+            self._loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        """Send what is queued in one system call, from the hub, with no greenlet switch.
+
+        Whatever the socket does not take at once is left to the writer greenlet, which
+        waits until the socket is writable; while it works, it owns the queue.
+        """
+        self._scheduled = False
+        if self.closed or self._writing or not self._out:
+            return
+        out, self._out = self._out, []
+        data = out[0] if len(out) == 1 else b"".join(out)
+        sent = 0
+        if self._raw is not None:
+            try:
+                sent = self._raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.close(f"send failed: {exc}")
+                return
+        if sent == len(data):
+            self.last_send = time.monotonic()
+            self._idle.set()
+            return
+        self._out.insert(0, data[sent:])
+        self._writing = True
+        self._wake.set()
 
     def reply(self, msg: Result | Failure) -> None:
         """Send a task's reply; one too large for the peer goes as a failure saying so."""
@@ -127,6 +162,7 @@ class Connection:
                     out, self._out = self._out, []
                     self.sock.sendall(out[0] if len(out) == 1 else b"".join(out))
                     self.last_send = time.monotonic()
+                self._writing = False
                 self._idle.set()
         except OSError as exc:
             self.close(f"send failed: {exc}")
@@ -174,8 +210,6 @@ class Connection:
             Why the connection closed.
         """
         self._writer = gevent.spawn(self._write_loop)
-        if self._out:
-            self._wake.set()
         peer_interval = self.hello.heartbeat if self.hello is not None else 0.0
         interval = min(self.heartbeat, peer_interval or self.heartbeat)
         self._keepalive = gevent.spawn(self._keepalive_loop, interval, self.heartbeat * misses or None)

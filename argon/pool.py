@@ -2,9 +2,12 @@
 
 Each process is a fresh interpreter running :mod:`argon.runner`, started with
 ``gevent.subprocess`` and fed length-prefixed frames over its stdin and stdout pipes.
-Exec'd children inherit no hub, greenlets or listening sockets from the worker, and
-pipe I/O is cooperative on the worker's side. One greenlet per process takes jobs from
-the pool's queue, writes the task to the pipe and waits for the reply.
+Exec'd children inherit no hub, greenlets or listening sockets from the worker.
+
+The pool is driven by the hub: a task is written to an idle process's pipe by whoever
+submits it, and the reply is read by an I/O watcher callback that hands it on and
+gives the process its next job, so the common path costs no greenlet switch. Only the
+rare paths (starting, replacing and reaping processes) run in greenlets.
 
 A process that dies fails only its task, with :class:`~argon.errors.ProcessDied`, and is
 replaced. A task that overruns its time limit has its process killed and fails with
@@ -16,6 +19,7 @@ not delay the queue.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -33,13 +37,16 @@ import psutil
 
 from argon import defaults
 from argon.errors import ProcessDied, ProtocolError
-from argon.protocol import Failure, Hello, Result, Task, decode, encode, frame, read_frame
+from argon.protocol import Failure, FrameBuffer, Hello, Result, Task, decode, encode, frame
 
 log = logging.getLogger(__name__)
 
 Reply = Result | Failure
 
 START_TIMEOUT = 60.0
+READ_SIZE = 1 << 20
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031  # Linux: grow the pipes, so large payloads take fewer system calls
 STOP_TIMEOUT = 2.0
 
 
@@ -80,7 +87,7 @@ class Job:
 
 
 class PoolProcess:
-    """One pool process and its pipes."""
+    """One pool process, its pipes and the job it is running."""
 
     def __init__(self, python: str, max_frame: int, env: dict[str, str]) -> None:
         self.max_frame = max_frame
@@ -95,55 +102,99 @@ class PoolProcess:
         self.tasks = 0
         self.started = time.time()
         self.alive = True
+        self.job: Job | None = None
+        self.timed_out = False
+        self.spare: gevent.Greenlet | None = None
+        self._to_child = self.popen.stdin.fileno()
+        self._from_child = self.popen.stdout.fileno()
+        for fd in (self._to_child, self._from_child):
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        loop = gevent.get_hub().loop
+        self.readable = loop.io(self._from_child, 1)
+        self._writable = loop.io(self._to_child, 2)
+        self._timer: Any = None
+        self._pending = memoryview(b"")
+        self._frames = FrameBuffer(max_frame)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Wait for the process's hello.
+        """Wait (in a greenlet) for the process's hello.
 
         Raises:
             ProcessDied: It exited or did not report in time.
         """
+        hub = gevent.get_hub()
         try:
             with gevent.Timeout(timeout, ProcessDied(f"pool process {self.pid} did not start in {timeout}s")):
-                body = read_frame(self.popen.stdout, self.max_frame)
-            if body is None or type(decode(body)) is not Hello:
-                raise ProcessDied(f"pool process {self.pid} {self._exit_status()} while starting")
+                frames: list[bytes] = []
+                while not frames:
+                    try:
+                        data = os.read(self._from_child, READ_SIZE)
+                    except BlockingIOError:
+                        hub.wait(self.readable)
+                        continue
+                    if not data:
+                        break
+                    frames = self._frames.feed(data)
+            if not frames or type(decode(frames[0])) is not Hello:
+                raise ProcessDied(f"pool process {self.pid} {self.exit_status()} while starting")
         except BaseException:
             self.kill()
             raise
 
-    def run(self, task: Task) -> Reply:
-        """Run one task and return its reply; a dead or overdue process becomes a failure."""
+    def begin(self, job: Job, on_timeout: Callable[[PoolProcess], None]) -> None:
+        """Hand ``job`` to the process: write its task (the rest later if the pipe is full)."""
+        self.job = job
         self.tasks += 1
-        timer = gevent.Timeout(task.timeout) if task.timeout else None
+        task = job.task
+        if task.timeout:
+            self._timer = gevent.get_hub().loop.timer(task.timeout)
+            self._timer.start(on_timeout, self)
+        data = frame(encode(task))
         try:
-            if timer is not None:
-                timer.start()
-            self.popen.stdin.write(frame(encode(task)))
-            self.popen.stdin.flush()
-            body = read_frame(self.popen.stdout, self.max_frame)
-            if body is not None:
-                reply = decode(body)
-                if type(reply) in (Result, Failure) and reply.id == task.id:
-                    return reply
-                self.kill()
-                return Failure(task.id, "ProtocolError", f"pool process {self.pid} sent an unexpected reply")
-        except gevent.Timeout as exc:
-            if exc is not timer:
-                raise
-            self.kill()
-            return Failure(
-                task.id,
-                "TaskTimeout",
-                f"task ran past its {task.timeout}s time limit; pool process {self.pid} was killed",
-            )
-        except (OSError, ProtocolError):
-            pass  # a broken pipe or a torn frame: the process is gone; say how below
-        finally:
-            if timer is not None:
-                timer.close()
-        return Failure(task.id, "ProcessDied", f"pool process {self.pid} {self._exit_status()} while running the task")
+            written = os.write(self._to_child, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            return  # the process is gone: the reader sees end of file and reports it
+        if written < len(data):
+            self._pending = memoryview(data)[written:]
+            self._writable.start(self._write_more)
 
-    def _exit_status(self) -> str:
+    def _write_more(self) -> None:
+        try:
+            written = os.write(self._to_child, self._pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(self._pending)  # the reader will report the death
+        self._pending = self._pending[written:]
+        if not self._pending:
+            self._writable.stop()
+
+    def read_replies(self) -> list[bytes] | None:
+        """Frames available now (maybe none); None at end of file (the process died)."""
+        try:
+            data = os.read(self._from_child, READ_SIZE)
+        except BlockingIOError:
+            return []
+        except OSError:
+            return None
+        return self._frames.feed(data) if data else None
+
+    def finish(self) -> Job | None:
+        """Forget the running job (its reply is in) and return it."""
+        job, self.job = self.job, None
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        self._pending = memoryview(b"")
+        self._writable.stop()
+        return job
+
+    def exit_status(self) -> str:
+        """Reap the process (in a greenlet) and describe how it ended."""
         self.alive = False
         try:
             code = self.popen.wait(timeout=STOP_TIMEOUT)
@@ -159,41 +210,32 @@ class PoolProcess:
         return f"exited with code {code}"
 
     def retire(self) -> None:
-        """Close its input so it exits after its current task; kill it if it lingers."""
+        """Close its input so it exits; kill it if it lingers (in a greenlet)."""
         self.alive = False
+        self.readable.stop()
         try:
             self.popen.stdin.close()
             self.popen.wait(timeout=STOP_TIMEOUT)
         except (OSError, gevent.subprocess.TimeoutExpired):
             self.kill()
-        self._close_pipes()
+        self._close()
 
     def kill(self) -> None:
         """Kill the process at once and reap it."""
         self.alive = False
-        try:
+        with contextlib.suppress(OSError):
             self.popen.kill()
             self.popen.wait()
-        except OSError:
-            pass
-        self._close_pipes()
+        self._close()
 
-    def _close_pipes(self) -> None:
+    def _close(self) -> None:
+        self.readable.close()
+        self._writable.close()
+        if self._timer is not None:
+            self._timer.close()
         for pipe in (self.popen.stdin, self.popen.stdout):
             with contextlib.suppress(OSError):
                 pipe.close()
-
-
-class _Slot:
-    """A place in the pool: the process filling it now, and its successor if one is starting."""
-
-    __slots__ = ("greenlet", "process", "spare", "wake")
-
-    def __init__(self, process: PoolProcess) -> None:
-        self.process = process
-        self.spare: gevent.Greenlet | None = None
-        self.wake = gevent.event.Event()
-        self.greenlet: gevent.Greenlet | None = None
 
 
 class Pool:
@@ -225,8 +267,8 @@ class Pool:
         self.replaced = 0
         self._env = _child_env()
         self._jobs: deque[Job] = deque()
-        self._idle: list[gevent.event.Event] = []
-        self._slots: list[_Slot] = []
+        self._idle: list[PoolProcess] = []
+        self._processes: list[PoolProcess] = []
         self._closing = False
         self._drained = gevent.event.Event()
         self._drained.set()
@@ -255,18 +297,124 @@ class Pool:
         starting = [gevent.spawn(self._spawn_process) for _ in range(self.size)]
         gevent.joinall(starting, raise_error=True)
         for greenlet in starting:
-            slot = _Slot(greenlet.value)
-            slot.greenlet = gevent.spawn(self._serve, slot)
-            self._slots.append(slot)
+            self._enlist(greenlet.value)
         log.info("pool of %d processes ready", self.size)
 
+    def _enlist(self, process: PoolProcess) -> None:
+        """Put a ready process to work."""
+        if self._closing:
+            process.kill()
+            return
+        self._processes.append(process)
+        process.readable.start(self._on_readable, process)
+        self._next(process)
+
     def submit(self, job: Job) -> None:
-        """Queue a job; a free process picks it up in submission order."""
-        self._jobs.append(job)
+        """Queue a job; free processes take jobs in submission order."""
         self.outstanding += 1
         self._drained.clear()
-        if self._idle:
-            self._idle.pop().set()
+        if self._idle and not self._jobs:
+            self._begin(self._idle.pop(), job)
+        else:
+            self._jobs.append(job)
+
+    def _begin(self, process: PoolProcess, job: Job) -> None:
+        self.running += 1
+        if self.max_requests and process.tasks + 1 >= self.max_requests and process.spare is None:
+            process.spare = gevent.spawn(self._spawn_process)  # warm up its successor now
+        process.begin(job, self._on_timeout)
+
+    def _next(self, process: PoolProcess) -> None:
+        """Give an idle process the next queued job, or mark it idle."""
+        if self._jobs:
+            self._begin(process, self._jobs.popleft())
+        else:
+            self._idle.append(process)
+
+    def _on_readable(self, process: PoolProcess) -> None:
+        """Hub callback: a process has written (a reply, or end of file)."""
+        frames = process.read_replies()
+        if frames is None:
+            process.readable.stop()
+            gevent.spawn(self._died, process)
+            return
+        for body in frames:
+            job = process.job
+            try:
+                reply = decode(body)
+                if job is None or type(reply) not in (Result, Failure) or reply.id != job.task.id:
+                    raise ProtocolError("unexpected reply")
+            except ProtocolError:
+                process.readable.stop()
+                process.popen.kill()
+                gevent.spawn(self._died, process, f"pool process {process.pid} sent an unexpected reply")
+                return
+            self._deliver(process, reply)
+            if self.max_requests and process.tasks >= self.max_requests:
+                self._retire(process)
+            else:
+                self._next(process)
+
+    def _deliver(self, process: PoolProcess, reply: Reply) -> None:
+        job = process.finish()
+        assert job is not None
+        self.running -= 1
+        self.outstanding -= 1
+        if type(reply) is Result:
+            self.completed += 1
+        else:
+            self.failed += 1
+        try:
+            job.done(reply)
+        except Exception:
+            log.exception("error delivering the reply to task %s", job.task.id)
+        if not self.outstanding:
+            self._drained.set()
+
+    def _on_timeout(self, process: PoolProcess) -> None:
+        """Hub callback: the running task is overdue; kill its process (the reader reports it)."""
+        process.timed_out = True
+        with contextlib.suppress(OSError):
+            process.popen.kill()
+
+    def _died(self, process: PoolProcess, why: str = "") -> None:
+        """Greenlet: fail the dead process's task with how it ended, and replace it."""
+        status = process.exit_status()
+        job = process.job
+        if job is not None:
+            task = job.task
+            if process.timed_out:
+                reply: Reply = Failure(
+                    task.id,
+                    "TaskTimeout",
+                    f"task ran past its {task.timeout}s time limit; pool process {process.pid} was killed",
+                )
+            else:
+                reply = Failure(
+                    task.id, "ProcessDied", why or f"pool process {process.pid} {status} while running the task"
+                )
+            log.warning("%s", reply.message)
+            self._deliver(process, reply)
+        elif not self._closing:
+            log.warning("idle pool process %d %s", process.pid, status)
+        self._replace(process)
+
+    def _retire(self, process: PoolProcess) -> None:
+        gevent.spawn(process.retire)
+        self._replace(process)
+
+    def _replace(self, process: PoolProcess) -> None:
+        """Take ``process`` out of the pool and bring in its successor when it is ready."""
+        if process in self._processes:
+            self._processes.remove(process)
+        if process in self._idle:
+            self._idle.remove(process)
+        if self._closing:
+            return
+        self.replaced += 1
+        spare, process.spare = process.spare, None
+        successor = spare if spare is not None else gevent.spawn(self._spawn_process)
+        successor.link_value(lambda done: self._enlist(done.value))
 
     def cancel(self, match: Callable[[Job], bool]) -> list[Job]:
         """Remove queued (not yet running) jobs for which ``match`` is true and return them."""
@@ -278,50 +426,6 @@ class Pool:
                 self._drained.set()
         return dropped
 
-    def _serve(self, slot: _Slot) -> None:
-        while True:
-            while not self._jobs:
-                if self._closing:
-                    return
-                self._idle.append(slot.wake)
-                slot.wake.wait()
-                slot.wake.clear()
-            job = self._jobs.popleft()
-            self.running += 1
-            try:
-                reply = self._run(slot, job.task)
-            finally:
-                self.running -= 1
-                self.outstanding -= 1
-            if type(reply) is Result:
-                self.completed += 1
-            else:
-                self.failed += 1
-            try:
-                job.done(reply)
-            except Exception:
-                log.exception("error delivering the reply to task %s", job.task.id)
-            if not self.outstanding:
-                self._drained.set()
-
-    def _run(self, slot: _Slot, task: Task) -> Reply:
-        process = slot.process
-        if self.max_requests and process.tasks + 1 >= self.max_requests and slot.spare is None:
-            slot.spare = gevent.spawn(self._spawn_process)  # warm up the successor now
-        reply = process.run(task)
-        if not process.alive:
-            log.warning("%s", reply.message if type(reply) is Failure else f"pool process {process.pid} died")
-            self._replace(slot)
-        elif self.max_requests and process.tasks >= self.max_requests:
-            gevent.spawn(process.retire)
-            self._replace(slot)
-        return reply
-
-    def _replace(self, slot: _Slot) -> None:
-        spare, slot.spare = slot.spare, None
-        slot.process = spare.get() if spare is not None else self._spawn_process()
-        self.replaced += 1
-
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is queued or running; False if ``timeout`` passed first."""
         return bool(self._drained.wait(timeout))
@@ -331,21 +435,17 @@ class Pool:
         self._closing = True
         if grace:
             self.join(grace)
-        for wake in self._idle:
-            wake.set()
-        for slot in self._slots:
-            if slot.greenlet is not None:
-                slot.greenlet.kill(block=False)
-            if slot.spare is not None:
-                slot.spare.kill(block=False)
-            slot.process.kill()
-        gevent.joinall([s.greenlet for s in self._slots if s.greenlet is not None], timeout=STOP_TIMEOUT)
+        for process in self._processes:
+            if process.spare is not None:
+                process.spare.kill(block=False)
+            process.kill()
+        self._processes = []
+        self._idle = []
 
     def processes(self) -> list[dict[str, Any]]:
         """Per-process figures: pid, tasks run, resident memory."""
         rows = []
-        for slot in self._slots:
-            process = slot.process
+        for process in self._processes:
             try:
                 rss = psutil.Process(process.pid).memory_info().rss
             except psutil.Error:

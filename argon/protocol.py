@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import msgpack
 
@@ -28,8 +28,15 @@ VERSION = 1
 #: Frame header: the length of the rest of the frame.
 HEADER = struct.Struct("!I")
 
-_OPT_FLOAT = (float, int, type(None))
-_OPT_BYTES = (bytes, type(None))
+# msgpack decodes to exact builtin types, so fields are checked with exact type sets
+# (which also keeps a bool from passing as an int).
+_INT = frozenset({int})
+_STR = frozenset({str})
+_BYTES = frozenset({bytes})
+_DICT = frozenset({dict})
+_NUMBER = frozenset({float, int})
+_OPT_NUMBER = frozenset({float, int, type(None)})
+_OPT_BYTES = frozenset({bytes, type(None)})
 
 
 class Hello(NamedTuple):
@@ -164,25 +171,30 @@ class Bye(NamedTuple):
 Message = Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequest | StatusReply | Stats | Cancel | Bye
 
 #: Wire kind of each message type, and the type of each field (checked on decode).
-_SPEC: dict[type, tuple[int, tuple[Any, ...]]] = {
-    Hello: (1, (int, str, str, str, str, str, (float, int), int)),
-    Task: (2, (int, bytes, bytes, _OPT_FLOAT)),
-    Result: (3, (int, bytes)),
-    Failure: (4, (int, str, str, _OPT_BYTES, str)),
-    Register: (5, (str, str, int, int, int, int)),
-    Ready: (6, (int,)),
+_SPEC: dict[type, tuple[int, tuple[frozenset[type], ...]]] = {
+    Hello: (1, (_INT, _STR, _STR, _STR, _STR, _STR, _NUMBER, _INT)),
+    Task: (2, (_INT, _BYTES, _BYTES, _OPT_NUMBER)),
+    Result: (3, (_INT, _BYTES)),
+    Failure: (4, (_INT, _STR, _STR, _OPT_BYTES, _STR)),
+    Register: (5, (_STR, _STR, _INT, _INT, _INT, _INT)),
+    Ready: (6, (_INT,)),
     Ping: (7, ()),
-    StatusRequest: (8, (int,)),
-    StatusReply: (9, (int, dict)),
-    Stats: (10, (dict,)),
-    Cancel: (11, (int,)),
-    Bye: (12, (str,)),
+    StatusRequest: (8, (_INT,)),
+    StatusReply: (9, (_INT, _DICT)),
+    Stats: (10, (_DICT,)),
+    Cancel: (11, (_INT,)),
+    Bye: (12, (_STR,)),
 }
 _KIND = {cls: kind for cls, (kind, _) in _SPEC.items()}
-_BY_KIND: dict[int, tuple[type, tuple[Any, ...], int]] = {
+_BY_KIND: dict[int, tuple[type, tuple[frozenset[type], ...], int]] = {
     kind: (cls, types, len(types) - len(cls._field_defaults))  # type: ignore[attr-defined]
     for cls, (kind, types) in _SPEC.items()
 }
+
+
+_unpackb = msgpack.unpackb
+_packb = msgpack.packb
+_new_tuple = tuple.__new__
 
 
 def encode(msg: Message) -> bytes:
@@ -194,7 +206,7 @@ def encode(msg: Message) -> bytes:
     Returns:
         The msgpack body.
     """
-    return msgpack.packb([_KIND[type(msg)], *msg])
+    return _packb([_KIND[type(msg)], *msg])
 
 
 def decode(body: bytes | memoryview, max_items: int = defaults.MAX_ITEMS) -> Message:
@@ -214,7 +226,7 @@ def decode(body: bytes | memoryview, max_items: int = defaults.MAX_ITEMS) -> Mes
     try:
         # On a complete frame, msgpack bounds every string and bin by the frame length,
         # so a short frame cannot claim a huge object.
-        obj = msgpack.unpackb(body, max_array_len=max_items, max_map_len=max_items)
+        obj = _unpackb(body, max_array_len=max_items, max_map_len=max_items)
     except Exception as exc:  # msgpack raises many unrelated types on bad input
         raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
     if type(obj) is not list or not obj or type(obj[0]) is not int:
@@ -226,9 +238,11 @@ def decode(body: bytes | memoryview, max_items: int = defaults.MAX_ITEMS) -> Mes
     fields = obj[1 : 1 + len(types)]  # later versions may append fields: ignore them
     if len(fields) < required:
         raise ProtocolError(f"{cls.__name__} needs {required} fields, got {len(fields)}")
-    for value, expected in zip(fields, types, strict=False):
-        if not isinstance(value, expected) or type(value) is bool:
+    for value, expected in zip(fields, types):  # noqa: B905 - fields may be fewer than types
+        if type(value) not in expected:
             raise ProtocolError(f"{cls.__name__}: bad field {value!r:.40}")
+    if len(fields) == len(types):
+        return _new_tuple(cls, fields)  # all fields present: skip NamedTuple's keyword handling
     return cls(*fields)
 
 
