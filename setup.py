@@ -28,8 +28,11 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "tqdm>=4.60", "prometheus_client>=0.17"],
         "lint": ["ruff>=0.5", "mypy>=1.8"],
+        "progress": ["tqdm>=4.60"],
+        "metrics": ["prometheus_client>=0.17"],
+        "bench": ["matplotlib", "dask[distributed]", "ray", "celery[redis]", "redis"],
     },
     classifiers=[
         "License :: OSI Approved :: MIT License",

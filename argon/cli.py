@@ -3,6 +3,8 @@
 Usage:
   argon manager [options]
   argon worker [options] [--manager HOST:PORT] [--workers N] [--max-requests N]
+  argon local [options] [--nodes N] [--workers N]
+  argon status HOST:PORT [options] [--json] [--watch SECONDS]
   argon keygen FILE
   argon -h | --help
   argon --version
@@ -11,6 +13,9 @@ Commands:
   manager               Route tasks from clients to registered workers.
   worker                Run tasks in a pool of processes, for a manager (--manager)
                         or for clients directly.
+  local                 Run a manager and --nodes workers on this machine (loopback,
+                        free ports) until interrupted.
+  status HOST:PORT      Show a manager's (or worker's) workers, load and counters.
   keygen FILE           Write a new random key to FILE, readable only by its owner.
 
 Options:
@@ -40,6 +45,12 @@ Options:
   --handshake-timeout SECONDS
                         Close a connection that has not finished the handshake
                         (key proof and hello) in this time (default: 5).
+  --metrics-port PORT   Serve Prometheus metrics on this port at /metrics
+                        (on --host; 0 picks one; default: off).
+  --nodes N             local: worker nodes to start (default: 1).
+  --json                status: print JSON for scripts.
+  --watch SECONDS       status: refresh every SECONDS until interrupted.
+  --log-format FORMAT   text or json: one line per event (default: text).
   -v --verbose          Log progress (level INFO).
   --debug               Log everything (level DEBUG).
   -h --help             Show this help.
@@ -51,6 +62,7 @@ name in capitals, dashes as underscores (ARGON_QUEUE_SIZE=100). The command line
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -60,15 +72,19 @@ import sys
 from typing import Any
 
 import gevent
+import gevent.event
 from docopt import DocoptExit, docopt
 
+import argon
 from argon import defaults
 from argon._version import __version__
 from argon.errors import ArgonError
 from argon.manager import Manager
+from argon.metrics import serve_metrics
 from argon.osutil import die_with_parent
 from argon.security import client_tls, load_key_file, server_tls, write_key_file
 from argon.server import Server, ServerConfig
+from argon.status import render
 from argon.worker import Worker, WorkerConfig
 
 log = logging.getLogger("argon")
@@ -90,8 +106,15 @@ _OPTIONS = (
     "--tls-cert",
     "--tls-key",
     "--tls-ca",
+    "--metrics-port",
+    "--nodes",
+    "--watch",
+    "--log-format",
 )
-_FLAGS = ("--insecure", "--verbose", "--debug")
+_FLAGS = ("--insecure", "--verbose", "--debug", "--json")
+
+
+_COMMANDS = ("manager", "worker", "local", "status", "keygen")
 
 
 class UsageError(Exception):
@@ -123,10 +146,10 @@ def _number(args: dict[str, Any], option: str, kind: type = int, minimum: float 
     return value
 
 
-def _address(text: str) -> tuple[str, int]:
+def _address(text: str, what: str = "--manager") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise UsageError(f"--manager expects HOST:PORT, got {text!r}")
+        raise UsageError(f"{what} expects HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
 
 
@@ -185,17 +208,38 @@ def _usage_problem(argv: list[str]) -> str:
     if unknown:
         return f"unknown option {unknown[0]}"
     if not argv:
-        return "missing command (manager, worker or keygen)"
-    if argv[0] not in ("manager", "worker", "keygen"):
+        return f"missing command ({', '.join(_COMMANDS)})"
+    if argv[0] not in _COMMANDS:
         return f"unknown command {argv[0]!r}"
     return f"invalid arguments for 'argon {argv[0]}': {' '.join(argv[1:]) or '(none)'}"
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, component, process and message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as a JSON line."""
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "component": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def _configure_logging(args: dict[str, Any]) -> None:
     level = logging.DEBUG if args["--debug"] else logging.INFO if args["--verbose"] else logging.WARNING
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-    )
+    style = (args["--log-format"] or "text").lower()
+    if style not in ("text", "json"):
+        raise UsageError(f"--log-format is text or json, not {style!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    handler.setFormatter(JsonFormatter() if style == "json" else text)
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _install_signals(server: Server, shutdown: Any) -> None:
@@ -226,31 +270,100 @@ def main(argv: list[str] | None = None) -> int:
     _apply_environment(args, dict(os.environ))
     if os.environ.get("ARGON_DIE_WITH_PARENT"):  # set by LocalCluster: drain when our parent dies
         die_with_parent(os.getppid(), signal.SIGTERM)
-    _configure_logging(args)
-    if args["keygen"]:
-        try:
-            path = write_key_file(args["FILE"])
-        except OSError as exc:
-            print(f"argon keygen: cannot write {args['FILE']}: {exc.strerror}", file=sys.stderr)
-            return 1
-        print(f"wrote a new key to {path} (mode 0600); pass it to every peer with --key {path}")
-        return 0
     try:
-        config = build_config(args)
+        _configure_logging(args)
+        if args["keygen"]:
+            return _keygen(args["FILE"])
+        if args["status"]:
+            return _status(args)
+        if args["local"]:
+            return _local(args)
+        return _serve(args)
     except (UsageError, ArgonError) as exc:
         print(f"argon: {exc}", file=sys.stderr)
         return 2
+
+
+def _keygen(path: str) -> int:
+    try:
+        written = write_key_file(path)
+    except OSError as exc:
+        print(f"argon keygen: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"wrote a new key to {written} (mode 0600); pass it to every peer with --key {written}")
+    return 0
+
+
+def _serve(args: dict[str, Any]) -> int:
+    """``argon manager`` and ``argon worker``: run a server until a signal stops it."""
+    config = build_config(args)
+    metrics_port = _number(args, "--metrics-port")
     server: Manager | Worker = Manager(config) if args["manager"] else Worker(config)  # type: ignore[arg-type]
     try:
         server.start()
-    except OSError as exc:
-        print(f"argon {server.role}: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+        metrics = serve_metrics(server, config.host, metrics_port) if metrics_port is not None else None
+    except (OSError, ImportError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        print(f"argon {server.role}: cannot start on {config.host}: {why}", file=sys.stderr)
         if isinstance(server, Worker):
             server.pool.close()
         return 1
     _install_signals(server, server.shutdown)
     print(f"argon {server.role} listening on {server.name}", flush=True)
+    if metrics is not None:
+        print(f"argon {server.role} metrics on http://{config.host}:{metrics.server_port}/metrics", flush=True)
     server.serve_forever()
+    return 0
+
+
+def _status(args: dict[str, Any]) -> int:
+    """``argon status``: one table (or JSON), or a refreshing one with --watch."""
+    host, port = _address(args["HOST:PORT"], "status")
+    watch = _number(args, "--watch", float, 0.1)
+    tls = client_tls(args["--tls-ca"]) if args["--tls-ca"] else None
+    with argon.Client(host, port, key_file=args["--key"], tls=tls, retries=0) as client:
+        try:
+            while True:
+                status = client.status()
+                text = json.dumps(status, indent=2, sort_keys=True) if args["--json"] else render(status)
+                if watch:
+                    sys.stdout.write("\x1b[H\x1b[2J")  # cursor home, clear screen: refresh in place
+                print(text, flush=True)
+                if not watch:
+                    return 0
+                gevent.sleep(watch)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _local(args: dict[str, Any]) -> int:
+    """``argon local``: a manager and workers on loopback until SIGINT or SIGTERM."""
+    nodes = _number(args, "--nodes", int, 1) or 1
+    workers = _number(args, "--workers", int, 1)
+    stop = gevent.event.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop.set)
+    options: dict[str, Any] = {}
+    for option in ("--heartbeat", "--max-frame"):
+        if args[option] is not None:
+            options[option[2:].replace("-", "_")] = args[option]
+    cluster = argon.LocalCluster(
+        nodes,
+        workers,
+        key_file=args["--key"],
+        queue_size=_number(args, "--queue-size"),
+        max_requests=_number(args, "--max-requests"),
+        **options,
+    )
+    with cluster:
+        processes = f" of {workers} processes" if workers else ""
+        print(
+            f"argon local: manager listening on {cluster.address} with {nodes} worker node(s){processes};"
+            " Ctrl-C to stop",
+            flush=True,
+        )
+        stop.wait()
+    print("argon local: stopped", flush=True)
     return 0
 
 

@@ -20,11 +20,13 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 import gevent
 import gevent.event
+import gevent.queue
 
 from argon import defaults
 from argon.connection import Connection, connect
@@ -35,6 +37,7 @@ from argon.errors import (
     ConnectionLost,
     MessageTooLarge,
     ProtocolError,
+    TaskCancelled,
     TaskTimeout,
 )
 from argon.protocol import Bye, Cancel, Failure, Message, Result, StatusReply, StatusRequest, Task
@@ -119,6 +122,16 @@ class Deferred:
         if self.done():
             return False
         return self._client._cancel(self._pending)
+
+
+def _progress_bar(iterable: Iterable[Any]) -> Any:
+    """A tqdm bar on stderr (hidden when stderr is not a terminal)."""
+    try:
+        from tqdm import tqdm  # optional: loaded only when a bar is asked for
+    except ImportError:
+        raise ImportError("progress=True needs tqdm: pip install tqdm (or 'argon-tasks[progress]')") from None
+    total = len(iterable) if isinstance(iterable, Sized) else None
+    return tqdm(total=total, unit="task", disable=None)
 
 
 def _decode(reply: Any) -> tuple[bool, Any]:
@@ -244,6 +257,74 @@ class Client:
         """
         return self.defer(func, args, kwargs, timeout)()
 
+    def map(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        *,
+        window: int = 1000,
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """Run ``func(item)`` for every item and yield the results in input order.
+
+        At most ``window`` tasks are in flight at once and the iterable is read only as
+        results are consumed, so memory stays bounded however long the input is.
+
+        Args:
+            func: The callable, applied to each item.
+            iterable: The items (any iterable, possibly endless).
+            window: Most tasks in flight at once.
+            progress: Show a progress bar on stderr when it is a terminal (needs tqdm).
+            timeout: Per-task time limit on the worker, as for :meth:`defer`.
+
+        Raises:
+            Exception: The first failing task's error, when its result is reached; tasks
+                still in flight are then cancelled where they have not started.
+        """
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        bar = _progress_bar(iterable) if progress else None
+        inflight: deque[Deferred] = deque()
+        try:
+            for item in iterable:
+                if len(inflight) >= window:
+                    yield inflight.popleft()()
+                    if bar is not None:
+                        bar.update(1)
+                inflight.append(self.defer(func, (item,), None, timeout))
+            while inflight:
+                yield inflight.popleft()()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            for deferred in inflight:
+                deferred.cancel()
+            if bar is not None:
+                bar.close()
+
+    def as_completed(self, deferreds: Iterable[Deferred], timeout: float | None = None) -> Iterator[Deferred]:
+        """Yield each deferred as soon as its result (or error) is in.
+
+        Args:
+            deferreds: Deferreds from this client.
+            timeout: Seconds to wait for all of them (None: no limit).
+
+        Raises:
+            TaskTimeout: Some were still not done when ``timeout`` ran out.
+        """
+        waiting = list(deferreds)
+        done: gevent.queue.Queue[Deferred] = gevent.queue.Queue()
+        for deferred in waiting:
+            deferred._pending.result.rawlink(lambda _, d=deferred: done.put(d))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _ in range(len(waiting)):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                yield done.get(timeout=left)
+            except gevent.queue.Empty:
+                raise TaskTimeout(f"tasks still running after {timeout}s") from None
+
     def status(self) -> dict[str, Any]:
         """The server's workers, capacity and counters (see the documentation)."""
         if self._closed:
@@ -290,7 +371,7 @@ class Client:
     def _cancel(self, pending: _Pending) -> bool:
         conn = self._conn
         if pending.state != _SENT or conn is None:
-            self._finish(pending.msg.id, ArgonError("task cancelled before it was sent"))
+            self._finish(pending.msg.id, TaskCancelled("task cancelled before it was sent"))
             return True
         try:
             conn.send(Cancel(pending.msg.id))

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class _Job:
     """A client's task while the manager holds it."""
 
-    __slots__ = ("attempts", "client", "id", "task", "worker")
+    __slots__ = ("arrived", "attempts", "client", "id", "task", "worker")
 
     def __init__(self, job_id: int, client: ClientLink, task: Task) -> None:
         self.id = job_id
@@ -41,6 +41,7 @@ class _Job:
         self.task = task
         self.attempts = 0
         self.worker: WorkerLink | None = None
+        self.arrived = time.monotonic()
 
     def wanted(self) -> bool:
         """Whether the client that sent this task still waits for it."""
@@ -83,8 +84,10 @@ class WorkerLink:
 
     def describe(self) -> dict[str, Any]:
         """This worker's row in ``status()``."""
+        started = self.stats.get("started")
         return {
             **self.stats,
+            "uptime": round(time.time() - started, 1) if isinstance(started, float) else 0.0,
             "id": self.id,
             "host": self.host,
             "port": self.port,
@@ -288,7 +291,9 @@ class Manager(Server):
             link.failed += 1
         if not link.draining:
             self._free.add(link, 1)
-        job.client.reply(msg._replace(id=job.task.id))
+        if self.latency is not None:
+            self.observe(job.arrived)
+        job.client.reply(Result(job.task.id, msg.value) if type(msg) is Result else msg._replace(id=job.task.id))
         self._pump()
 
     def cancel(self, client: ClientLink, task_id: int) -> None:

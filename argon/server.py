@@ -14,7 +14,8 @@ import dataclasses
 import logging
 import ssl
 import time
-from typing import Any
+from collections import deque
+from typing import Any, Protocol
 
 import gevent
 import gevent.event
@@ -46,6 +47,12 @@ class ServerConfig:
     handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
     max_items: int = defaults.MAX_ITEMS
     tls: ssl.SSLContext | None = None
+
+
+class Histogram(Protocol):
+    """Something that records task latencies (see :mod:`argon.metrics`)."""
+
+    def observe(self, seconds: float) -> None: ...  # noqa: D102
 
 
 class ClientLink:
@@ -82,6 +89,9 @@ class Server:
         self.stopping = False
         self._connections: set[Connection] = set()
         self._server: StreamServer | None = None
+        self._sampler: gevent.Greenlet | None = None
+        self._samples: deque[tuple[float, int]] = deque(maxlen=6)
+        self.latency: Histogram | None = None
         self._stopped = gevent.event.Event()
 
     @property
@@ -101,7 +111,27 @@ class Server:
         self._server = StreamServer((config.host, config.port), self._accept)
         self._server.start()
         self.address = self._server.address[:2]
+        self._sampler = gevent.spawn(self._sample_rate)
         log.info("%s listening on %s", self.role, self.name)
+
+    def _sample_rate(self) -> None:
+        """Every second, note how many tasks have finished (for the tasks/s in status)."""
+        while True:
+            self._samples.append((time.monotonic(), self.completed + self.failed))
+            gevent.sleep(1.0)
+
+    def rate(self) -> float:
+        """Tasks finished per second over the last few seconds."""
+        if not self._samples:
+            return 0.0
+        then, count = self._samples[0]
+        elapsed = time.monotonic() - then
+        return round((self.completed + self.failed - count) / elapsed, 1) if elapsed > 0 else 0.0
+
+    def observe(self, started: float) -> None:
+        """Record the latency of a task that arrived at ``started`` (monotonic), if measured."""
+        if self.latency is not None:
+            self.latency.observe(time.monotonic() - started)
 
     def serve_forever(self) -> None:
         """Start (if needed) and block until :meth:`shutdown` has finished."""
@@ -209,6 +239,7 @@ class Server:
             "clients": self.clients(),
             "stopping": self.stopping,
             "queue_size": self.config.queue_size,
+            "rate": self.rate(),
         }
 
     def clients(self) -> int:
@@ -233,4 +264,6 @@ class Server:
 
     def stopped(self) -> None:
         """Mark the server as fully stopped (releases :meth:`serve_forever`)."""
+        if self._sampler is not None:
+            self._sampler.kill(block=False)
         self._stopped.set()

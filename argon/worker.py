@@ -103,16 +103,17 @@ class Worker(Server):
         if limit is not None and pool.outstanding - pool.size >= limit:
             self.reject(client, task, f"worker {self.name} queue is full ({pool.queued} tasks waiting)")
             return
-        job = Job(task, self._count_and(client.reply), client)
+        job = Job(task, self._count_and(client.reply, time.monotonic()), client)
         client.jobs[task.id] = job
         pool.submit(job)
 
-    def _count_and(self, deliver: Any) -> Any:
+    def _count_and(self, deliver: Any, arrived: float) -> Any:
         def done(reply: Reply) -> None:
             if type(reply) is Failure:
                 self.failed += 1
             else:
                 self.completed += 1
+            self.observe(arrived)
             deliver(reply)
 
         return done
@@ -181,7 +182,8 @@ class Worker(Server):
     def _manager_message(self, conn: Connection, session: int, msg: Message) -> None:
         kind = type(msg)
         if kind is Task:
-            self.pool.submit(Job(msg, lambda reply: self._managed_done(session, reply), session))  # type: ignore[arg-type]
+            arrived = time.monotonic()
+            self.pool.submit(Job(msg, lambda reply: self._managed_done(session, reply, arrived), session))  # type: ignore[arg-type]
         elif kind is StatusRequest:
             conn.send(StatusReply(msg.id, self.status()))  # type: ignore[union-attr]
         elif kind is Bye:
@@ -189,11 +191,12 @@ class Worker(Server):
         else:
             log.warning("ignoring unexpected %s from manager %s", kind.__name__, conn.peer)
 
-    def _managed_done(self, session: int, reply: Reply) -> None:
+    def _managed_done(self, session: int, reply: Reply, arrived: float) -> None:
         if type(reply) is Failure:
             self.failed += 1
         else:
             self.completed += 1
+        self.observe(arrived)
         link = self._link
         if session == self._session and link is not None and not link.closed:
             link.reply(reply)
@@ -230,6 +233,7 @@ class Worker(Server):
             "replaced": self.pool.replaced,
             "discarded": self.discarded,
             "uptime": round(time.time() - self.started, 1),
+            "started": self.started,
         }
 
     def status(self) -> dict[str, Any]:
