@@ -380,24 +380,23 @@ class Client:
         return True
 
     def _on_message(self, msg: Message) -> None:
-        kind = type(msg)
-        if kind is Result or kind is StatusReply:
-            self._finish(msg.id, msg)  # type: ignore[union-attr]
-        elif kind is Failure:
-            pending = self._pending.get(msg.id)  # type: ignore[union-attr]
+        if isinstance(msg, (Result, StatusReply)):
+            self._finish(msg.id, msg)
+        elif isinstance(msg, Failure):
+            pending = self._pending.get(msg.id)
             if pending is None:
                 return
-            if msg.error == "TaskRejected" and pending.retries > 0:  # type: ignore[union-attr]
+            if msg.error == "TaskRejected" and pending.retries > 0:
                 pending.retries -= 1
                 pending.state = _BACKOFF
                 gevent.spawn_later(self._delay(pending), self._retry, pending)
             else:
-                self._finish(msg.id, msg)  # type: ignore[union-attr]
-        elif kind is Bye:
-            log.info("server %s:%d says: %s", self.host, self.port, msg.reason)  # type: ignore[union-attr]
+                self._finish(msg.id, msg)
+        elif isinstance(msg, Bye):
+            log.info("server %s:%d says: %s", self.host, self.port, msg.reason)
             self._connected.clear()  # new tasks wait for the next connection
         else:
-            raise ProtocolError(f"a server may not send {kind.__name__} to a client")
+            raise ProtocolError(f"a server may not send {type(msg).__name__} to a client")
 
     def _delay(self, pending: _Pending) -> float:
         used = self.retries - pending.retries

@@ -174,23 +174,22 @@ class Manager(Server):
 
         def on_message(msg: Message) -> None:
             nonlocal link
-            kind = type(msg)
-            if link is not None and (kind is Result or kind is Failure):
-                self._worker_reply(link, msg)  # type: ignore[arg-type]
-            elif kind is Register and link is None:
-                link = self._register(conn, msg)  # type: ignore[arg-type]
-            elif kind is Ready and link is not None:
+            if link is not None and isinstance(msg, (Result, Failure)):
+                self._worker_reply(link, msg)
+            elif link is None and isinstance(msg, Register):
+                link = self._register(conn, msg)
+            elif link is not None and isinstance(msg, Ready):
                 if not link.draining:
-                    self._free.add(link, msg.count)  # type: ignore[union-attr]
+                    self._free.add(link, msg.free)
                     self._pump()
-            elif kind is Stats and link is not None:
-                link.stats = msg.values  # type: ignore[union-attr]
-            elif kind is Bye and link is not None:
-                log.info("worker %s is draining: %s", link.id, msg.reason)  # type: ignore[union-attr]
+            elif link is not None and isinstance(msg, Stats):
+                link.stats = msg.values
+            elif link is not None and isinstance(msg, Bye):
+                log.info("worker %s is draining: %s", link.id, msg.reason)
                 link.draining = True
                 self._free.remove(link)
             else:
-                raise ProtocolError(f"unexpected {kind.__name__} from worker {conn.peer}")
+                raise ProtocolError(f"unexpected {type(msg).__name__} from worker {conn.peer}")
 
         reason = conn.serve(on_message)
         if link is not None:

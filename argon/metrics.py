@@ -19,8 +19,10 @@ from argon.server import Server
 try:
     from prometheus_client import CollectorRegistry, make_wsgi_app
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    HAVE_PROMETHEUS = True
 except ImportError:  # optional dependency: only --metrics-port needs it
-    CollectorRegistry = None
+    HAVE_PROMETHEUS = False
 
 #: Upper bounds (seconds) of the task latency histogram's buckets.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, math.inf)
@@ -90,7 +92,7 @@ def serve_metrics(server: Server, host: str, port: int) -> gevent.pywsgi.WSGISer
     Raises:
         ImportError: prometheus_client is not installed.
     """
-    if CollectorRegistry is None:
+    if not HAVE_PROMETHEUS:
         raise ImportError(
             "--metrics-port needs prometheus_client: pip install prometheus_client (or 'argon-tasks[metrics]')"
         )

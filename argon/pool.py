@@ -342,7 +342,7 @@ class Pool:
             job = process.job
             try:
                 reply = decode(body)
-                if job is None or type(reply) not in (Result, Failure) or reply.id != job.task.id:
+                if job is None or not isinstance(reply, (Result, Failure)) or reply.id != job.task.id:
                     raise ProtocolError("unexpected reply")
             except ProtocolError:
                 process.readable.stop()
@@ -384,7 +384,7 @@ class Pool:
         if job is not None:
             task = job.task
             if process.timed_out:
-                reply: Reply = Failure(
+                reply = Failure(
                     task.id,
                     "TaskTimeout",
                     f"task ran past its {task.timeout}s time limit; pool process {process.pid} was killed",
@@ -393,7 +393,7 @@ class Pool:
                 reply = Failure(
                     task.id, "ProcessDied", why or f"pool process {process.pid} {status} while running the task"
                 )
-            log.warning("%s", reply.message)
+            log.warning("%s", reply.message)  # always a Failure here
             self._deliver(process, reply)
         elif not self._closing:
             log.warning("idle pool process %d %s", process.pid, status)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import msgpack
 
@@ -128,9 +128,9 @@ class Register(NamedTuple):
 
 
 class Ready(NamedTuple):
-    """A worker has ``count`` more free processes than the manager knows about."""
+    """A worker has ``free`` more free processes than the manager knows about."""
 
-    count: int
+    free: int
 
 
 class Ping(NamedTuple):
@@ -171,7 +171,7 @@ class Bye(NamedTuple):
 Message = Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequest | StatusReply | Stats | Cancel | Bye
 
 #: Wire kind of each message type, and the type of each field (checked on decode).
-_SPEC: dict[type, tuple[int, tuple[frozenset[type], ...]]] = {
+_SPEC: dict[type, tuple[int, tuple[frozenset[Any], ...]]] = {
     Hello: (1, (_INT, _STR, _STR, _STR, _STR, _STR, _NUMBER, _INT)),
     Task: (2, (_INT, _BYTES, _BYTES, _OPT_NUMBER)),
     Result: (3, (_INT, _BYTES)),
@@ -186,7 +186,7 @@ _SPEC: dict[type, tuple[int, tuple[frozenset[type], ...]]] = {
     Bye: (12, (_STR,)),
 }
 _KIND = {cls: kind for cls, (kind, _) in _SPEC.items()}
-_BY_KIND: dict[int, tuple[type, tuple[frozenset[type], ...], int]] = {
+_BY_KIND: dict[int, tuple[type, tuple[frozenset[Any], ...], int]] = {
     kind: (cls, types, len(types) - len(cls._field_defaults))  # type: ignore[attr-defined]
     for cls, (kind, types) in _SPEC.items()
 }

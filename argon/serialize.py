@@ -181,8 +181,9 @@ def dumps_exception(exc: BaseException) -> tuple[bytes | None, str, str]:
     """
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     message = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+    payload: bytes | None
     try:
-        payload: bytes | None = dumps(exc)
+        payload = dumps(exc)
         loads(payload)
     except Exception:
         payload = None

@@ -188,22 +188,21 @@ class Server:
         self.client_gone(client)
 
     def _client_message(self, client: ClientLink, msg: Message) -> None:
-        kind = type(msg)
-        if kind is Task:
+        if isinstance(msg, Task):
             if msg.id in client.jobs:
                 raise ProtocolError(f"task id {msg.id} is already in use")
             if self.stopping:
                 self.reject(client, msg, f"{self.role} {self.name} is shutting down")
             else:
                 self.submit(client, msg)
-        elif kind is StatusRequest:
+        elif isinstance(msg, StatusRequest):
             client.conn.send(StatusReply(msg.id, self.status()))
-        elif kind is Cancel:
+        elif isinstance(msg, Cancel):
             self.cancel(client, msg.id)
-        elif kind is Bye:
+        elif isinstance(msg, Bye):
             client.conn.close("client said goodbye")
         else:
-            raise ProtocolError(f"a client may not send {kind.__name__}")
+            raise ProtocolError(f"a client may not send {type(msg).__name__}")
 
     def reject(self, client: ClientLink, task: Task, why: str) -> None:
         """Refuse a task at once (the client retries it later)."""

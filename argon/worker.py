@@ -180,16 +180,15 @@ class Worker(Server):
             )
 
     def _manager_message(self, conn: Connection, session: int, msg: Message) -> None:
-        kind = type(msg)
-        if kind is Task:
+        if isinstance(msg, Task):
             arrived = time.monotonic()
-            self.pool.submit(Job(msg, lambda reply: self._managed_done(session, reply, arrived), session))  # type: ignore[arg-type]
-        elif kind is StatusRequest:
-            conn.send(StatusReply(msg.id, self.status()))  # type: ignore[union-attr]
-        elif kind is Bye:
-            log.info("manager %s says: %s", conn.peer, msg.reason)  # type: ignore[union-attr]
+            self.pool.submit(Job(msg, lambda reply: self._managed_done(session, reply, arrived), session))
+        elif isinstance(msg, StatusRequest):
+            conn.send(StatusReply(msg.id, self.status()))
+        elif isinstance(msg, Bye):
+            log.info("manager %s says: %s", conn.peer, msg.reason)
         else:
-            log.warning("ignoring unexpected %s from manager %s", kind.__name__, conn.peer)
+            log.warning("ignoring unexpected %s from manager %s", type(msg).__name__, conn.peer)
 
     def _managed_done(self, session: int, reply: Reply, arrived: float) -> None:
         if type(reply) is Failure:
