@@ -436,8 +436,12 @@ class Pool:
         if grace:
             self.join(grace)
         for process in self._processes:
-            if process.spare is not None:
-                process.spare.kill(block=False)
+            spare = process.spare
+            if spare is not None:
+                if spare.successful():
+                    spare.value.kill()  # a successor that was already warmed up
+                else:
+                    spare.kill(block=False)
             process.kill()
         self._processes = []
         self._idle = []

@@ -224,9 +224,12 @@ def decode(body: bytes | memoryview, max_items: int = defaults.MAX_ITEMS) -> Mes
             has the wrong type.
     """
     try:
-        # On a complete frame, msgpack bounds every string and bin by the frame length,
-        # so a short frame cannot claim a huge object.
-        obj = _unpackb(body, max_array_len=max_items, max_map_len=max_items)
+        # Bound every container by what the frame could really hold (an item takes at least
+        # a byte, a map entry two) as well as by max_items: msgpack reserves room for a
+        # claimed length before it finds the data missing, so a short frame must not be
+        # able to claim much. Strings and bins are bounded by the frame length already.
+        size = len(body)
+        obj = _unpackb(body, max_array_len=min(max_items, size), max_map_len=min(max_items, size // 2))
     except Exception as exc:  # msgpack raises many unrelated types on bad input
         raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
     if type(obj) is not list or not obj or type(obj[0]) is not int:

@@ -39,7 +39,6 @@ _VALUE_TYPES = (
     type(None),
     range,
     types.ModuleType,
-    type,
     types.BuiltinFunctionType,
     types.CodeType,
 )
@@ -69,7 +68,44 @@ def dumps_function(func: Callable[..., Any]) -> bytes:
     """Serialize a callable with dill (by value unless it lives in an importable module)."""
     if isinstance(func, types.BuiltinFunctionType):
         return pickle.dumps(func, protocol=pickle.HIGHEST_PROTOCOL)
-    return dill.dumps(func, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+    try:
+        return dill.dumps(func, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+    except RecursionError:
+        if not isinstance(func, types.FunctionType):
+            raise
+        # dill's recurse mode loops on a closure that refers to itself (a recursive nested
+        # function): send a copy whose globals hold only the names it uses instead.
+        return dill.dumps(_detached(func), protocol=pickle.HIGHEST_PROTOCOL, recurse=False)
+
+
+def _detached(func: types.FunctionType) -> types.FunctionType:
+    """Copy ``func``, and the nested functions its closure reaches, with minimal globals."""
+    copies: dict[int, types.FunctionType] = {}
+
+    def copy(original: types.FunctionType) -> types.FunctionType:
+        if id(original) in copies:
+            return copies[id(original)]
+        namespace = original.__globals__
+        globals_used = {name: namespace[name] for name in _names(original.__code__) if name in namespace}
+        cells = tuple(types.CellType() for _ in original.__closure__ or ())
+        clone = types.FunctionType(
+            original.__code__, globals_used, original.__name__, original.__defaults__, cells or None
+        )
+        clone.__kwdefaults__ = original.__kwdefaults__
+        clone.__qualname__ = original.__qualname__
+        clone.__module__ = original.__module__
+        clone.__doc__ = original.__doc__
+        copies[id(original)] = clone
+        for cell, old in zip(cells, original.__closure__ or (), strict=True):
+            try:
+                contents = old.cell_contents
+            except ValueError:  # an empty cell stays empty
+                continue
+            nested = isinstance(contents, types.FunctionType) and "<locals>" in contents.__qualname__
+            cell.cell_contents = copy(contents) if nested else contents
+        return clone
+
+    return copy(func)
 
 
 def _stable(value: Any, seen: list[Any], depth: int = 0) -> bool:
@@ -77,6 +113,11 @@ def _stable(value: Any, seen: list[Any], depth: int = 0) -> bool:
     if isinstance(value, _VALUE_TYPES):
         seen.append(value)
         return True
+    if isinstance(value, type):
+        # An importable class travels by reference; one from __main__ or a function body
+        # travels by value, and its attributes may change: never cache what captures it.
+        seen.append(value)
+        return value.__module__ != "__main__" and "<locals>" not in value.__qualname__
     if isinstance(value, (tuple, frozenset)) and depth < 4:
         seen.append(value)
         return all(_stable(item, seen, depth + 1) for item in value)
@@ -168,7 +209,9 @@ class LoadedFunctions:
             func = loads(data)
             self._entries[data] = func
             if len(self._entries) > self._size:
-                self._entries.popitem(last=False)
+                self._entries.popitem(last=False)  # the least recently used
+        else:
+            self._entries.move_to_end(data)
         return func
 
 
