@@ -80,6 +80,9 @@ class Connection:
         self._idle.set()
         self._writer: gevent.Greenlet | None = None
         self._keepalive: gevent.Greenlet | None = None
+        self._handler: Callable[[Message], None] = lambda msg: None
+        self._reading: Any = None
+        self._ended = gevent.event.Event()
 
     def __repr__(self) -> str:
         role = self.hello.role if self.hello else "?"
@@ -173,12 +176,6 @@ class Connection:
 
     # -- receiving --------------------------------------------------------------------
 
-    def _messages(self, data: bytes) -> list[Message]:
-        frames = self._frames.feed(data)
-        if self._checker is not None:
-            frames = [self._checker.verify(f) for f in frames]
-        return [decode(f, self.max_items) for f in frames]
-
     def recv_message(self) -> Message:
         """Read one message from the calling greenlet (handshake only; no writer yet).
 
@@ -197,51 +194,92 @@ class Connection:
     def serve(self, handler: Callable[[Message], None], misses: int = defaults.HEARTBEAT_MISSES) -> str:
         """Run the connection until it closes, passing each message to ``handler``.
 
-        While the link is idle a ping goes out every :attr:`heartbeat` seconds (or the
-        peer's announced interval, if shorter).
+        On a plain socket the hub itself reads and dispatches (an I/O watcher callback),
+        so a message costs no greenlet switch; the calling greenlet just waits for the
+        end. A TLS socket is read by the calling greenlet. While the link is idle a ping
+        goes out every :attr:`heartbeat` seconds (or the peer's interval, if shorter).
 
         Args:
-            handler: Called in this greenlet for every message but heartbeats; it must not
-                block. An exception from it closes this connection (and is logged).
+            handler: Called for every message but heartbeats, possibly from the hub: it
+                must not block. An exception from it closes this connection (and is logged).
             misses: Close the connection when nothing arrives for ``misses`` of this
                 side's heartbeats (0: never; the peer is then watched by TCP keepalive).
 
         Returns:
             Why the connection closed.
         """
+        self._handler = handler
         self._writer = gevent.spawn(self._write_loop)
         peer_interval = self.hello.heartbeat if self.hello is not None else 0.0
         interval = min(self.heartbeat, peer_interval or self.heartbeat)
         self._keepalive = gevent.spawn(self._keepalive_loop, interval, self.heartbeat * misses or None)
-        reason = "closed"
+        backlog, self._backlog = self._backlog, []
+        self._receive(backlog)
+        if self._raw is not None and not self.closed:
+            watcher = self._loop.io(self._raw.fileno(), 1)
+            self._reading = watcher
+            watcher.start(self._on_readable)
+            self._ended.wait()
+            return self.reason
         try:
-            for body in self._backlog:
-                self._dispatch(decode(self._checker.verify(body) if self._checker else body, self.max_items), handler)
-            self._backlog = []
             recv = self.sock.recv
             while not self.closed:
                 data = recv(RECV_SIZE)
                 if not data:
-                    reason = "closed by peer"
+                    self.close("closed by peer")
                     break
                 self.last_recv = time.monotonic()
-                for msg in self._messages(data):
-                    self._dispatch(msg, handler)
+                self._receive(self._frames_of(data))
         except ProtocolError as exc:
-            reason = f"protocol error: {exc}"
-            log.warning("closing connection from %s: %s", self.peer, reason)
+            self._protocol_error(exc)
         except OSError as exc:
-            reason = self.reason or f"connection error: {exc}"
-        except Exception:
-            reason = "internal error"
-            log.exception("error handling a message from %s; closing its connection", self.peer)
-        self.close(self.reason or reason)
+            self.close(self.reason or f"connection error: {exc}")
         return self.reason
 
-    @staticmethod
-    def _dispatch(msg: Message, handler: Callable[[Message], None]) -> None:
-        if type(msg) is not Ping:
-            handler(msg)
+    def _on_readable(self) -> None:
+        """Hub callback: read what arrived and dispatch every complete message."""
+        try:
+            data = self._raw.recv(RECV_SIZE)  # type: ignore[union-attr]
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(self.reason or f"connection error: {exc}")
+            return
+        if not data:
+            self.close("closed by peer")
+            return
+        self.last_recv = time.monotonic()
+        try:
+            frames = self._frames_of(data)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._receive(frames)
+
+    def _frames_of(self, data: bytes) -> list[bytes]:
+        frames = self._frames.feed(data)
+        checker = self._checker
+        return [checker.verify(f) for f in frames] if checker is not None else frames
+
+    def _receive(self, bodies: list[bytes]) -> None:
+        """Decode and hand on each body; any failure closes the connection, logged."""
+        handler, limit = self._handler, self.max_items
+        try:
+            for body in bodies:
+                msg = decode(body, limit)
+                if type(msg) is not Ping:
+                    handler(msg)
+                if self.closed:
+                    return
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+        except Exception:
+            log.exception("error handling a message from %s; closing its connection", self.peer)
+            self.close("internal error")
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        log.warning("closing connection from %s: protocol error: %s", self.peer, exc)
+        self.close(f"protocol error: {exc}")
 
     def _keepalive_loop(self, interval: float, timeout: float | None) -> None:
         tick = time.monotonic()
@@ -272,6 +310,9 @@ class Connection:
         self.reason = reason
         self._out = []
         self._idle.set()
+        if self._reading is not None:
+            self._reading.close()
+        self._ended.set()
         current = gevent.getcurrent()
         for helper in (self._writer, self._keepalive):
             if helper is not None and helper is not current:
