@@ -86,7 +86,7 @@ class LocalCluster:
                 args += [flag, str(value)]
         return args
 
-    def _spawn(self, args: list[str]) -> tuple[str, int]:
+    def _launch(self, args: list[str]) -> gevent.subprocess.Popen:
         env = dict(os.environ, ARGON_DIE_WITH_PARENT="1")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -97,27 +97,32 @@ class LocalCluster:
             start_new_session=True,
         )
         self.processes.append(process)
-        with gevent.Timeout(START_TIMEOUT, ArgonError(f"'argon {args[0]}' did not start")):
+        return process
+
+    @staticmethod
+    def _address(process: gevent.subprocess.Popen, role: str) -> tuple[str, int]:
+        """Wait for the line a server prints once it listens; return its address."""
+        with gevent.Timeout(START_TIMEOUT, ArgonError(f"'argon {role}' did not start")):
             line = process.stdout.readline()
         match = _LISTENING.search(line)
         if match is None:
-            raise ArgonError(f"'argon {args[0]}' failed to start (exit status {process.poll()})")
+            raise ArgonError(f"'argon {role}' failed to start (exit status {process.poll()})")
         return match.group(1).decode(), int(match.group(2))
 
     def start(self) -> None:
-        """Start the manager and the nodes, and wait until every node has registered."""
+        """Start the manager, then all nodes at once, and wait until every node has registered."""
         try:
             manager = ["manager", *self._common()]
             if self.queue_size is not None:
                 manager += ["--queue-size", str(self.queue_size)]
-            self.host, self.port = self._spawn(manager)
+            self.host, self.port = self._address(self._launch(manager), "manager")
             node = ["worker", *self._common(), "--manager", self.address]
             if self.workers:
                 node += ["--workers", str(self.workers)]
             if self.max_requests:
                 node += ["--max-requests", str(self.max_requests)]
-            for _ in range(self.nodes):
-                self._spawn(node)
+            for process in [self._launch(node) for _ in range(self.nodes)]:
+                self._address(process, "worker")
             with self.client() as client:
                 deadline = time.monotonic() + START_TIMEOUT
                 while len(client.status()["workers"]) < self.nodes:
