@@ -37,5 +37,6 @@ def network(args: argparse.Namespace, nodes: int = 1, workers: int = 2) -> Itera
             yield client
         return
     with LocalCluster(nodes=nodes, workers=workers, key_file=args.key_file) as cluster, cluster.client() as client:
-        print(f"started a local network: manager {cluster.address}, {nodes} node(s) x {workers} processes")
+        shape = f"{nodes} node{'s' * (nodes != 1)} x {workers} processes"
+        print(f"started a local network: manager {cluster.address}, {shape}")
         yield client

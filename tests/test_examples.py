@@ -126,6 +126,8 @@ def run_example(name: str, *args: str, timeout: float = RUN_TIMEOUT, ok: bool = 
 
 def load_example(name: str) -> ModuleType:
     """Import an example as a module (its ``main()`` does not run), to reuse its functions."""
+    if str(REPO / "examples") not in sys.path:
+        sys.path.append(str(REPO / "examples"))  # as when run: examples import their _network helper
     spec = importlib.util.spec_from_file_location(f"example_{name.removesuffix('.py')}", REPO / "examples" / name)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
