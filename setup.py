@@ -33,6 +33,7 @@ setup(
         "progress": ["tqdm>=4.60"],
         "metrics": ["prometheus_client>=0.17"],
         "bench": ["matplotlib", "dask[distributed]", "ray", "celery[redis]", "redis"],
+        "docs": ["sphinx>=7.2,<10", "myst-parser>=2.0,<6", "furo>=2024.1.29"],
     },
     classifiers=[
         "License :: OSI Approved :: MIT License",

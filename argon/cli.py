@@ -176,7 +176,7 @@ def build_config(args: dict[str, Any]) -> ServerConfig:
         "tls": _server_tls(args),
     }
     for option, field, kind, minimum in (
-        ("--heartbeat", "heartbeat", float, 0.05),
+        ("--heartbeat", "heartbeat", float, defaults.MIN_HEARTBEAT),
         ("--grace", "grace", float, 0),
         ("--max-frame", "max_frame", int, 1024),
         ("--max-items", "max_items", int, 16),

@@ -164,9 +164,11 @@ class Client:
         timeout: Default seconds a deferred waits for its result (None: no limit).
         connect_timeout: Seconds allowed to connect and authenticate.
         reconnect_deadline: Seconds unanswered tasks wait for a lost connection to return.
-        tls: Encrypt the connection: an ``ssl.SSLContext``, the path of a PEM file of the
-            authority (or self-signed certificate) to trust, True for the system's
-            authorities, or None for no TLS.
+        tls: Encrypt the connection: a ``gevent.ssl.SSLContext`` (see
+            :func:`argon.security.client_tls`), the path of a PEM file of the authority (or
+            self-signed certificate) to trust, True for the system's authorities, or None
+            for no TLS.
+        max_frame: Largest message accepted from the server (bytes).
 
     Raises:
         ConnectionLost: The server cannot be reached.
@@ -477,5 +479,5 @@ class Client:
                         task_id,
                         kind(f"no connection to {self.host}:{self.port} for {self.reconnect_deadline}s: {error}"),
                     )
-            gevent.sleep(delay * random.uniform(0.8, 1.2))
+            gevent.sleep(min(delay * random.uniform(0.8, 1.2), defaults.RECONNECT_MAX_DELAY))
             delay = min(delay * 2, defaults.RECONNECT_MAX_DELAY)

@@ -29,7 +29,7 @@ import gevent.ssl
 from argon import defaults
 from argon._version import __version__
 from argon.errors import AuthenticationError, ConnectionLost, MessageTooLarge, ProtocolError
-from argon.protocol import VERSION, Failure, FrameBuffer, Hello, Message, Ping, Result, decode, encode, frame
+from argon.protocol import VERSION, Bye, Failure, FrameBuffer, Hello, Message, Ping, Result, decode, encode, frame
 from argon.security import Session, client_handshake, refuse, server_handshake
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,20 @@ class Connection:
         self._idle = gevent.event.Event()
         self._idle.set()
         self._writer: gevent.Greenlet | None = None
-        self._keepalive: gevent.Greenlet | None = None
+        self._keepalive: Any = None
+        self._interval = heartbeat
+        self._silence: float | None = None
+        self._tick = 0.0
         self._handler: Callable[[Message], None] = lambda msg: None
         self._reading: Any = None
         self._ended = gevent.event.Event()
+        # Backpressure (servers only, so two peers can never both stop reading): while
+        # more than OUTBOX_HIGH bytes wait to go to this peer, stop reading from it.
+        self.guard = False
+        self._queued = 0
+        self._drain_mark = 0
+        self._resumed = gevent.event.Event()
+        self._resumed.set()
 
     def __repr__(self) -> str:
         role = self.hello.role if self.hello else "?"
@@ -111,6 +121,11 @@ class Connection:
                 f" limit of {self.peer} (its --max-frame)"
             )
         self._out.append(data)
+        self._queued += len(data)
+        if self.guard and self._queued > defaults.OUTBOX_HIGH and self._resumed.is_set():
+            self._resumed.clear()
+            if self._reading is not None:
+                self._reading.stop()
         if not self._scheduled:
             self._scheduled = True
             self._idle.clear()
@@ -136,6 +151,7 @@ class Connection:
             except OSError as exc:
                 self.close(f"send failed: {exc}")
                 return
+        self._sent(sent)
         if sent == len(data):
             self.last_send = time.monotonic()
             self._idle.set()
@@ -143,6 +159,14 @@ class Connection:
         self._out.insert(0, data[sent:])
         self._writing = True
         self._wake.set()
+
+    def _sent(self, count: int) -> None:
+        """Account for ``count`` bytes handed to the socket; resume reading once drained."""
+        self._queued -= count
+        if not self._resumed.is_set() and self._queued <= defaults.OUTBOX_LOW:
+            self._resumed.set()
+            if self._reading is not None and not self.closed:
+                self._reading.start(self._on_readable)
 
     def reply(self, msg: Result | Failure) -> None:
         """Send a task's reply; one too large for the peer goes as a failure saying so."""
@@ -163,8 +187,10 @@ class Connection:
                 self._wake.clear()
                 while self._out:
                     out, self._out = self._out, []
-                    self.sock.sendall(out[0] if len(out) == 1 else b"".join(out))
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    self.sock.sendall(data)
                     self.last_send = time.monotonic()
+                    self._sent(len(data))
                 self._writing = False
                 self._idle.set()
         except OSError as exc:
@@ -211,10 +237,19 @@ class Connection:
         self._handler = handler
         self._writer = gevent.spawn(self._write_loop)
         peer_interval = self.hello.heartbeat if self.hello is not None else 0.0
-        interval = min(self.heartbeat, peer_interval or self.heartbeat)
-        self._keepalive = gevent.spawn(self._keepalive_loop, interval, self.heartbeat * misses or None)
+        if not peer_interval >= defaults.MIN_HEARTBEAT:  # absent, tiny, negative or NaN: ignore it
+            peer_interval = self.heartbeat
+        interval = min(self.heartbeat, peer_interval)
+        # A libev timer, not a greenlet: a manager with a thousand idle workers wakes no
+        # greenlets to keep them alive.
+        self._interval, self._silence, self._tick = interval, self.heartbeat * misses or None, time.monotonic()
+        self._keepalive = self._loop.timer(interval, interval)
+        self._keepalive.start(self._heartbeat)
         backlog, self._backlog = self._backlog, []
-        self._receive(backlog)
+        try:
+            self._receive(self._checked(backlog))  # frames that came in with the hello
+        except ProtocolError as exc:
+            self._protocol_error(exc)
         if self._raw is not None and not self.closed:
             watcher = self._loop.io(self._raw.fileno(), 1)
             self._reading = watcher
@@ -224,6 +259,7 @@ class Connection:
         try:
             recv = self.sock.recv
             while not self.closed:
+                self._resumed.wait()
                 data = recv(RECV_SIZE)
                 if not data:
                     self.close("closed by peer")
@@ -257,7 +293,10 @@ class Connection:
         self._receive(frames)
 
     def _frames_of(self, data: bytes) -> list[bytes]:
-        frames = self._frames.feed(data)
+        return self._checked(self._frames.feed(data))
+
+    def _checked(self, frames: list[bytes]) -> list[bytes]:
+        """The bodies of ``frames``, each MAC checked on an authenticated connection."""
         checker = self._checker
         return [checker.verify(f) for f in frames] if checker is not None else frames
 
@@ -281,24 +320,22 @@ class Connection:
         log.warning("closing connection from %s: protocol error: %s", self.peer, exc)
         self.close(f"protocol error: {exc}")
 
-    def _keepalive_loop(self, interval: float, timeout: float | None) -> None:
-        tick = time.monotonic()
-        while not self.closed:
-            gevent.sleep(interval)
-            now = time.monotonic()
-            if now - tick > 2 * interval:
-                # This process itself was frozen or starved: give the peer a fresh chance.
-                self.last_recv = now
-            tick = now
-            if timeout is not None and now - self.last_recv > timeout:
-                log.warning("no heartbeat from %s for %.1fs; closing", self.peer, now - self.last_recv)
-                self.close(f"no heartbeat for {now - self.last_recv:.1f}s")
-                return
-            if now - self.last_send >= interval and not self._out:
-                try:
-                    self.send(Ping())
-                except ConnectionLost:
-                    return
+    def _heartbeat(self) -> None:
+        """Timer callback (in the hub): ping an idle link; close one whose peer went silent."""
+        now = time.monotonic()
+        interval, timeout = self._interval, self._silence
+        if now - self._tick > 2 * interval:
+            # This process itself was frozen or starved: give the peer a fresh chance.
+            self.last_recv = now
+        if not self._resumed.is_set() and self._queued < self._drain_mark:
+            self.last_recv = now  # we stopped reading it, but it is taking our data: alive
+        self._tick, self._drain_mark = now, self._queued
+        if timeout is not None and now - self.last_recv > timeout:
+            log.warning("no heartbeat from %s for %.1fs; closing", self.peer, now - self.last_recv)
+            self.close(f"no heartbeat for {now - self.last_recv:.1f}s")
+        elif now - self.last_send >= interval and not self._out:
+            with contextlib.suppress(ConnectionLost):
+                self.send(Ping())
 
     # -- closing ----------------------------------------------------------------------
 
@@ -313,10 +350,10 @@ class Connection:
         if self._reading is not None:
             self._reading.close()
         self._ended.set()
-        current = gevent.getcurrent()
-        for helper in (self._writer, self._keepalive):
-            if helper is not None and helper is not current:
-                helper.kill(block=False)
+        if self._keepalive is not None:
+            self._keepalive.close()
+        if self._writer is not None and self._writer is not gevent.getcurrent():
+            self._writer.kill(block=False)
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -339,6 +376,10 @@ def _check_hello(msg: Message, peer: str) -> Hello:
         raise ProtocolError(f"{peer} sent {type(msg).__name__} before hello")
     if msg.version != VERSION:
         raise ProtocolError(f"{peer} speaks protocol version {msg.version}; this side speaks {VERSION}")
+    if 0 < msg.max_frame < defaults.MIN_FRAME:
+        raise ProtocolError(
+            f"{peer} announces a frame limit of {msg.max_frame} bytes; at least {defaults.MIN_FRAME} is needed"
+        )
     return msg
 
 
@@ -383,7 +424,10 @@ def connect(
             session = client_handshake(sock, key, server)
             conn = Connection(sock, server, session, max_frame, heartbeat)
             conn.send_now(_hello(role, name, heartbeat, max_frame))
-            conn.hello = _check_hello(conn.recv_message(), server)
+            reply = conn.recv_message()
+            if isinstance(reply, Bye):
+                raise ProtocolError(f"{server} refused the connection: {reply.reason}")
+            conn.hello = _check_hello(reply, server)
             return conn
     except OSError as exc:
         if sock is not None:
@@ -444,7 +488,13 @@ def accept(
                 raise AuthenticationError("refused a non-loopback peer: this server has no key")
             session = server_handshake(sock, key)
             conn = Connection(sock, peer, session, max_frame, heartbeat, max_items)
-            conn.hello = _check_hello(conn.recv_message(), peer)
+            conn.guard = True
+            try:
+                conn.hello = _check_hello(conn.recv_message(), peer)
+            except ProtocolError as exc:
+                with contextlib.suppress(OSError):
+                    conn.send_now(Bye(str(exc)))  # say why, so the peer's error can too
+                raise
             conn.send_now(_hello(role, name, heartbeat, max_frame))
             return conn
     except OSError as exc:

@@ -20,11 +20,11 @@ MAX_FRAME = 64 * 1024 * 1024
 RETRIES = 10
 """Times a client re-sends a rejected task before raising ``TaskRejected``."""
 
-RETRY_DELAY = 0.05
+RETRY_DELAY = 0.06
 """First delay (seconds) before re-sending a rejected task."""
 
 RETRY_BACKOFF = 1.6
-"""Factor each further retry delay grows by (10 retries add up to about nine seconds)."""
+"""Factor each further retry delay grows by (10 retries add up to about ten seconds)."""
 
 RETRY_MAX_DELAY = 3.0
 """Upper bound (seconds) on a single retry delay."""
@@ -64,6 +64,18 @@ FUNCTION_CACHE = 256
 
 MAX_ITEMS = 100_000
 """Most elements an array or map in one message may hold (a guard against memory bombs)."""
+
+OUTBOX_HIGH = 8 * 1024 * 1024
+"""Bytes queued to a peer above which a server stops reading from it until they drain."""
+
+OUTBOX_LOW = 2 * 1024 * 1024
+"""Bytes queued to a peer below which a server reads from it again."""
+
+MIN_HEARTBEAT = 0.05
+"""Shortest heartbeat interval accepted, from the command line or from a peer's hello."""
+
+MIN_FRAME = 1024
+"""Smallest frame limit a peer may announce (a smaller one could not carry a ping)."""
 
 MAX_CONNECTIONS = 1024
 """Connections a server holds open at once; further ones are closed at accept."""

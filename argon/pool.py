@@ -350,6 +350,12 @@ class Pool:
                 gevent.spawn(self._died, process, f"pool process {process.pid} sent an unexpected reply")
                 return
             self._deliver(process, reply)
+            if process.timed_out:
+                # Its time limit ran out just as the reply came: the reply stands, but the
+                # process is being killed, so it takes no further job.
+                process.readable.stop()
+                gevent.spawn(self._died, process)
+                return
             if self.max_requests and process.tasks >= self.max_requests:
                 self._retire(process)
             else:
@@ -395,7 +401,7 @@ class Pool:
                 )
             log.warning("%s", reply.message)  # always a Failure here
             self._deliver(process, reply)
-        elif not self._closing:
+        elif not self._closing and not process.timed_out:
             log.warning("idle pool process %d %s", process.pid, status)
         self._replace(process)
 

@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     """Serve tasks on stdin until it closes."""
     args = sys.argv[1:] if argv is None else argv
     parent, max_frame = int(args[0]), int(args[1])
-    # Ctrl-C reaches the whole process group: let the worker decide when tasks stop.
+    # Ctrl-C, or a TERM sent to the whole process group (systemd's default), reaches pool
+    # processes too: ignore both and let the worker drain; it kills us with SIGKILL.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(parent)
     stdin, stdout = _private_pipes()
     functions = LoadedFunctions()

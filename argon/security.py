@@ -174,8 +174,14 @@ def as_client_tls(tls: ssl.SSLContext | str | os.PathLike[str] | bool | None) ->
         return None
     if tls is True:
         return client_tls()
-    if isinstance(tls, ssl.SSLContext):
+    if isinstance(tls, gevent.ssl.SSLContext):
         return tls
+    if isinstance(tls, ssl.SSLContext):
+        # The standard library's context makes blocking sockets that stall the hub.
+        raise TypeError(
+            "tls= needs a gevent.ssl.SSLContext (see argon.security.client_tls), the path of a"
+            " PEM authority file, or True; a standard-library ssl.SSLContext blocks gevent"
+        )
     return client_tls(tls)
 
 

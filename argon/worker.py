@@ -155,7 +155,7 @@ class Worker(Server):
                 self._serve_manager(conn)
                 if self.stopping:
                     return
-            gevent.sleep(delay * random.uniform(0.8, 1.2))
+            gevent.sleep(min(delay * random.uniform(0.8, 1.2), defaults.RECONNECT_MAX_DELAY))
             delay = min(delay * 2, defaults.RECONNECT_MAX_DELAY)
 
     def _serve_manager(self, conn: Connection) -> None:

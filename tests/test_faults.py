@@ -205,6 +205,17 @@ def test_sigterm_drains_a_worker(net):
     assert "left after draining" in manager.log()
 
 
+def test_sigterm_to_the_whole_process_group_still_drains(net):
+    # systemd (KillMode=control-group) and `kill -TERM -PGID` signal the pool processes too.
+    _, (worker,), client = net.cluster(processes=2)
+    deferreds = [client.defer(slow_echo, [i, 0.8]) for i in range(2)]
+    wait_for(lambda: client.status()["busy"] == 2, what="both processes to be busy")
+    os.killpg(worker.pid, signal.SIGTERM)
+    assert [d(timeout=60) for d in deferreds] == [0, 1]  # no ProcessDied: the tasks finished
+    assert worker.wait(30) == 0
+    assert client.status()["redelivered"] == 0
+
+
 def test_second_sigterm_forces_exit(net):
     manager, (worker,), client = net.cluster(processes=1)
     deferred = client.defer(slow_echo, [1, 30.0])

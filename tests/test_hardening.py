@@ -10,7 +10,7 @@ import time
 import gevent
 import gevent.socket
 
-from argon.protocol import Hello, decode, encode, frame
+from argon.protocol import Bye, Hello, decode, encode, frame
 
 from conftest import wait_for
 
@@ -90,3 +90,15 @@ def test_half_sent_frame_then_disconnect(net):
     assert client.queue(lambda: 42) == 42
     gevent.sleep(0)
     assert manager.alive()
+
+
+def test_protocol_version_mismatch_is_refused_with_its_reason(net):
+    manager, _, client = net.cluster()
+    sock = _raw(manager)
+    sock.sendall(frame(encode(Hello(99, "client", "from the future"))))
+    (size,) = struct.unpack("!I", sock.recv(4, socket.MSG_WAITALL))
+    reply = decode(sock.recv(size, socket.MSG_WAITALL))
+    assert type(reply) is Bye
+    assert "protocol version 99" in reply.reason
+    assert _closed_by_server(sock)
+    assert client.queue(lambda: "unaffected") == "unaffected"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -188,6 +189,13 @@ def test_tls_round_trip_with_a_key(net, key, certificate):
     assert client.queue(lambda b: b[::-1], [blob]) == blob[::-1]
     with pytest.raises(AuthenticationError, match="refused this side's key"):
         Client(manager.host, manager.port, key=os.urandom(32).hex(), tls=str(cert))
+
+
+def test_standard_library_tls_context_is_refused_clearly(certificate):
+    cert, _ = certificate
+    context = ssl.create_default_context(cafile=str(cert))  # it would block the gevent hub
+    with pytest.raises(TypeError, match=r"gevent\.ssl\.SSLContext"):
+        Client("127.0.0.1", 1, tls=context)
 
 
 def test_plain_client_cannot_talk_to_a_tls_server(net, certificate):

@@ -1,0 +1,1 @@
+"""Benchmarks for Argon; run them all with ``python bench/run.py`` (see docs/benchmarks.md)."""

@@ -1,0 +1,167 @@
+"""The baselines, each run in a fresh process: ``python -m bench.baselines PEER MODE [N] [SIZE]``.
+
+PEER is ``pool`` (multiprocessing.Pool(2)), ``ppe`` (ProcessPoolExecutor(2)), ``dask``
+(a LocalCluster of 2 single-threaded worker processes), ``ray`` (num_cpus=2) or ``celery``
+(a Celery worker of 2 prefork processes, started by the caller, on the Redis at
+``BENCH_REDIS_URL``). MODE is ``throughput`` (N trivial tasks submitted at once, then
+collected), ``latency`` (N sequential round trips) or ``payload`` (N echo tasks of SIZE
+bytes each way). The result is printed as one line: ``RESULT {json}``; a peer that is
+not installed prints ``{"skipped": "not installed: NAME"}``.
+
+This module imports neither gevent nor argon, so each baseline runs in a clean process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, NamedTuple
+
+from bench.tasks import echo, noop
+
+WARMUP = 100
+PROCESSES = 2
+
+# Ray as a single-node instance: with this set (the name says Windows or macOS, but Ray reads
+# it everywhere, when it is imported) every Ray process uses 127.0.0.1 instead of the
+# machine's interface address. Ray also keeps its session files in a temp dir of ours.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def _latencies(call: Callable[[int], Any], count: int) -> list[float]:
+    for i in range(WARMUP):
+        call(i)
+    out = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        call(i)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _timed(batch: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    batch()
+    return time.perf_counter() - t0
+
+
+class Peer(NamedTuple):
+    """How one system runs tasks: submit ``func(arg)``, wait for one, run a whole batch."""
+
+    submit: Callable[[Callable[[Any], Any], Any], Any]
+    get: Callable[[Any], Any]
+    batch: Callable[[Callable[[Any], Any], list[Any]], list[Any]]
+
+
+def _one_by_one(submit: Callable[..., Any], get: Callable[[Any], Any]) -> Peer:
+    return Peer(submit, get, lambda f, args: [get(r) for r in [submit(f, a) for a in args]])
+
+
+def _measure(mode: str, count: int, size: int, peer: Peer) -> dict[str, Any]:
+    """Run MODE on ``peer``."""
+    if mode == "latency":
+        return {"latencies": _latencies(lambda i: peer.get(peer.submit(noop, i)), count)}
+    if mode == "throughput":
+        peer.batch(noop, list(range(WARMUP)))
+        elapsed = _timed(lambda: peer.batch(noop, list(range(count))))
+        return {"tasks": count, "seconds": elapsed, "rate": count / elapsed}
+    data = b"x" * size
+    peer.batch(echo, [data])
+    elapsed = _timed(lambda: peer.batch(echo, [data] * count))
+    return {"tasks": count, "bytes": 2 * size * count, "seconds": elapsed, "mb_s": 2 * size * count / elapsed / 1e6}
+
+
+@contextlib.contextmanager
+def _pool() -> Iterator[Peer]:
+    with multiprocessing.get_context("fork").Pool(PROCESSES) as pool:
+        yield _one_by_one(lambda f, a: pool.apply_async(f, (a,)), lambda r: r.get(60))
+
+
+@contextlib.contextmanager
+def _ppe() -> Iterator[Peer]:
+    with ProcessPoolExecutor(PROCESSES, mp_context=multiprocessing.get_context("fork")) as ex:
+        yield _one_by_one(ex.submit, lambda f: f.result(60))
+
+
+@contextlib.contextmanager
+def _dask() -> Iterator[Peer]:
+    from dask.distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=PROCESSES, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield Peer(
+            lambda f, a: client.submit(f, a, pure=False),
+            lambda fut: fut.result(60),
+            lambda f, args: client.gather(client.map(f, args, pure=False)),
+        )
+
+
+@contextlib.contextmanager
+def _ray() -> Iterator[Peer]:
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="argon-bench-ray-")
+    ray.init(num_cpus=PROCESSES, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             _temp_dir=temp)
+    try:
+        remote: dict[Any, Any] = {noop: ray.remote(noop), echo: ray.remote(echo)}
+        yield Peer(
+            lambda f, a: remote[f].remote(a),
+            lambda ref: ray.get(ref, timeout=60),
+            lambda f, args: ray.get([remote[f].remote(a) for a in args], timeout=300),
+        )
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _celery() -> Iterator[Peer]:
+    from bench import celery_app
+
+    deadline = time.monotonic() + 60
+    while not celery_app.app.control.ping(timeout=0.5):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the Celery worker did not answer pings within 60s")
+    tasks = {noop: celery_app.noop, echo: celery_app.echo}
+    yield _one_by_one(lambda f, a: tasks[f].delay(a), lambda r: r.get(timeout=60))
+
+
+PEERS = {"pool": _pool, "ppe": _ppe, "dask": _dask, "ray": _ray, "celery": _celery}
+MODULES = {"dask": "distributed", "ray": "ray", "celery": "celery"}
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """Run one baseline and return its result."""
+    peer, mode = argv[0], argv[1]
+    count = int(argv[2]) if len(argv) > 2 else 1000
+    size = int(argv[3]) if len(argv) > 3 else 0
+    module = MODULES.get(peer)
+    if module is not None:
+        try:
+            __import__(module)
+            if peer == "celery":
+                __import__("redis")
+        except ImportError as exc:
+            return {"skipped": f"not installed: {exc.name}"}
+    t0 = time.perf_counter()
+    with PEERS[peer]() as runner:
+        started = time.perf_counter() - t0
+        result = _measure(mode, count, size, runner)
+    return {"peer": peer, "mode": mode, "startup": started, **result}
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(main(sys.argv[1:])), flush=True)

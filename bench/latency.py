@@ -1,0 +1,110 @@
+"""Scenario 2: latency of one sequential round trip, Argon against Pool.apply."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench import common
+from bench.tasks import noop
+from bench.throughput import cluster
+
+TITLE = "Latency: one round trip"
+ABOUT = """\
+One client runs trivial tasks one after another with `queue()` (send, wait for the
+result, send the next), through a manager with one worker of 2 processes, and straight
+to a stand-alone worker. The baselines do the same with `multiprocessing.Pool(2).apply`
+and `ProcessPoolExecutor(2).submit(...).result()` in a fresh process. Each figure comes
+from the same number of round trips after a warm-up of 100; the four take turns in three
+rounds, with the order rotated, so changes in the machine's load hit them alike."""
+
+WARMUP = 100
+
+
+def argon_latencies(client: common.Client, count: int) -> list[float]:
+    """``count`` sequential ``queue()`` round trips (after a warm-up), in seconds each."""
+    for i in range(WARMUP):
+        client.queue(noop, (i,))
+    out = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        client.queue(noop, (i,))
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summary(latencies: list[float]) -> dict[str, float]:
+    """Median, p99 and mean in microseconds."""
+    us = [x * 1e6 for x in latencies]
+    return {"median_us": common.median(us), "p99_us": common.percentile(us, 99), "mean_us": sum(us) / len(us)}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Run the scenario and return its record."""
+    record = common.new_record("latency", TITLE, ABOUT, quick)
+    count = 300 if quick else 3000
+    rounds = 1 if quick else 3
+    per_round = count // rounds
+    with common.Stack() as one, common.Stack() as two:  # both up at once, measured in turn
+        via, direct = cluster(one), cluster(two, direct=True)
+        runs = common.interleave(rounds, {
+            "via": lambda: argon_latencies(via, per_round),
+            "direct": lambda: argon_latencies(direct, per_round),
+            "pool": lambda: common.run_baseline(["pool", "latency", str(per_round)], 120),
+            "ppe": lambda: common.run_baseline(["ppe", "latency", str(per_round)], 120),
+        })
+    series: dict[str, list[float] | None] = {
+        "Argon queue() via manager": [x for part in runs["via"] for x in part],
+        "Argon queue() to stand-alone worker": [x for part in runs["direct"] for x in part],
+    }
+    for peer, label in (("pool", "multiprocessing.Pool(2).apply"), ("ppe", "ProcessPoolExecutor(2) submit+result")):
+        parts = [r["latencies"] for r in runs[peer] if "latencies" in r]
+        series[label] = [x for part in parts for x in part] or None
+        skipped = [r["skipped"] for r in runs[peer] if "skipped" in r]
+        if skipped:
+            record["skipped"].append(f"{label}: {skipped[0]}")
+    stats = {name: summary(values) if values else None for name, values in series.items()}
+    pool = stats["multiprocessing.Pool(2).apply"]
+    pool_median = pool["median_us"] if pool else None
+    rows: list[list[Any]] = []
+    for name, s in stats.items():
+        if s is None:
+            rows.append([name, "-", "-", "-", "skipped"])
+        else:
+            rows.append([name, len(series[name] or []), common.fmt(s["median_us"]), common.fmt(s["p99_us"]),
+                         common.fmt_ratio(common.ratio(s["median_us"], pool_median))])
+    record["tables"].append({
+        "caption": "Sequential round trips, microseconds (median relative to Pool.apply's median)",
+        "columns": ["system", "round trips", "median us", "p99 us", "median / Pool.apply"],
+        "rows": rows,
+    })
+    manager = stats["Argon queue() via manager"]
+    assert manager is not None
+    record["targets"] = [
+        common.target("queue() via manager, median", manager["median_us"], 300, at_least=False, unit=" us"),
+        common.target("queue() median / Pool.apply median", common.ratio(manager["median_us"], pool_median), 2,
+                      at_least=False, unit="x"),
+    ]
+    record["data"] = {"summary": stats, "count": count}
+    record["plot"] = plot(series)
+    return common.finish(record)
+
+
+def plot(series: dict[str, list[float] | None]) -> str | None:
+    """Latency distribution (CDF, log scale) of each system."""
+    plt = common.plt()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, values in series.items():
+        if values:
+            us = sorted(x * 1e6 for x in values)
+            ax.plot(us, [(i + 1) / len(us) for i in range(len(us))], label=name)
+    ax.axvline(300, color="tab:red", linestyle=":", label="target: 300 us median")
+    ax.set_xscale("log")
+    ax.set_xlabel("round-trip latency, microseconds (log scale)")
+    ax.set_ylabel("fraction of round trips")
+    ax.set_title("Sequential round trips of a trivial task")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return common.save_plot(fig, "latency")

@@ -1,0 +1,238 @@
+"""Scenario 3: adding workers adds capacity; 1,000 registered workers do not slow routing."""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import time
+from typing import Any
+
+import gevent
+import psutil
+
+from bench import common
+from bench.tasks import sleep
+from bench.throughput import argon_batch
+
+TITLE = "Scaling: more workers, and 1,000 registered workers"
+ABOUT = """\
+**Workers.** One manager; k = 1, 2, 4, 8 workers of 4 pool processes each (up to 32
+processes on this 2-core machine). One client defers `sleep(0.02)` tasks, 100 per pool
+process, and waits for all of them. Sleeping tasks need no CPU, so the ideal throughput
+is k x 4 / 0.02 = k x 200 tasks/s; what limits it is the manager, the workers and the
+client sharing 2 cores. Workers are added between steps; each step starts once the manager
+reports all k registered.
+
+**1,000 registered workers.** Routing cost is measured two ways, each against a baseline
+measured in the same run, with trivial tasks (`noop`) deferred by one client:
+
+1. *Idle registrations:* one real worker (2 processes) alone, then the same plus 999
+   stand-in workers that register with the manager (capacity 1) and heartbeat, but whose
+   one process is busy (`free=0`), so the manager keeps them in its tables and links
+   while every task still goes to the real worker. This is the target's measure: the
+   work per task is identical, so any slowdown is the cost of holding 1,000 workers.
+   Measured A-B-A: the real worker alone, then with the stand-ins, then alone again once
+   they have gone; the baseline is the median of both "alone" phases.
+2. *Routing among 1,000:* the same total capacity (999 slots) offered by one stand-in
+   with 999 free slots, and by 999 stand-ins with one free slot each (two managers, both
+   up at once, taking turns). Stand-ins answer
+   every task at once with `None`, so the tasks do no work and the manager has to pick
+   among 999 workers for every task instead of one. Besides throughput, this reports the
+   manager's CPU time per task.
+
+The stand-ins are greenlets in one helper process (`bench/standins.py`); each holds a real
+authenticated-protocol connection (`argon.connection.connect(role="worker")`, `Register`,
+`Result`), so the manager cannot tell them from workers."""
+
+PROCESSES = 4
+PER_PROCESS = 100
+SLEEP = 0.02
+STANDINS = 999
+
+
+def scale(ks: list[int], per_process: int) -> list[dict[str, Any]]:
+    """Throughput of ``sleep(0.02)`` tasks with k workers of 4 processes, for each k."""
+    rows = []
+    with common.Stack() as stack:
+        manager = stack.manager()
+        client = stack.client(manager)
+        workers = 0
+        mgr = psutil.Process(manager.pid)
+        for k in ks:
+            while workers < k:
+                stack.worker(manager, PROCESSES)
+                workers += 1
+            stack.wait_workers(client, k)
+            tasks = k * PROCESSES * per_process
+            _sleep_batch(client, k * PROCESSES * 2)  # warm-up: every process runs a task
+            cpu0 = sum(mgr.cpu_times()[:2])
+            elapsed = _sleep_batch(client, tasks)
+            cpu = sum(mgr.cpu_times()[:2]) - cpu0
+            rows.append({"k": k, "tasks": tasks, "seconds": elapsed, "rate": tasks / elapsed,
+                         "ideal": k * PROCESSES / SLEEP, "manager_cpu": cpu / elapsed})
+    return rows
+
+
+def _sleep_batch(client: common.Client, count: int) -> float:
+    t0 = time.perf_counter()
+    for d in [client.defer(sleep, (SLEEP,)) for _ in range(count)]:
+        d(timeout=120)
+    return time.perf_counter() - t0
+
+
+def _standins(stack: common.Stack, manager: common.Proc, count: int, capacity: int, free: int) -> common.Proc:
+    proc = stack.spawn("standins", [sys.executable, "-m", "bench.standins", manager.address, str(count),
+                                    str(capacity), str(free)])
+    proc.wait_line(re.compile(r"standins ready"), 120)
+    return proc
+
+
+def _cpu(pid: int | None) -> float:
+    return common.cpu_seconds(pid) if pid else 0.0
+
+
+def _idle(manager: common.Proc, helper: common.Proc | None, seconds: float) -> dict[str, float]:
+    """CPU shares of the manager and the stand-ins while no task runs: what registrations alone cost."""
+    helper_pid = helper.pid if helper else None
+    m0, h0, t0 = _cpu(manager.pid), _cpu(helper_pid), time.perf_counter()
+    gevent.sleep(seconds)
+    wall = time.perf_counter() - t0
+    return {"idle_manager_cpu": (_cpu(manager.pid) - m0) / wall, "idle_standins_cpu": (_cpu(helper_pid) - h0) / wall}
+
+
+def _batch(manager: common.Proc, client: common.Client, count: int, check: bool,
+           helper: common.Proc | None) -> dict[str, float]:
+    """One timed batch of trivial tasks: rate, manager CPU per task, stand-ins' CPU share."""
+    helper_pid = helper.pid if helper else None
+    m0, h0, t0 = _cpu(manager.pid), _cpu(helper_pid), time.perf_counter()
+    rate = count / argon_batch(client, count, check=check)
+    wall = time.perf_counter() - t0
+    return {"rate": rate, "cpu_us": (_cpu(manager.pid) - m0) / count * 1e6,
+            "standins": (_cpu(helper_pid) - h0) / wall}
+
+
+def _summary(batches: list[dict[str, float]], idle: dict[str, float], workers: int) -> dict[str, Any]:
+    return {
+        "rate": common.median([b["rate"] for b in batches]),
+        "rates": [b["rate"] for b in batches],
+        "cpu_us_per_task": common.median([b["cpu_us"] for b in batches]),
+        "standins_cpu": common.median([b["standins"] for b in batches]),
+        "workers": workers,
+        **idle,
+    }
+
+
+def routing(count: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """The routing measurements described in ABOUT.
+
+    Idle registrations are measured A-B-A (one real worker, then with the stand-ins, then
+    alone again once they are gone), and the two routing configurations are both up at
+    once and take turns, so that drifts in the machine's load do not masquerade as cost.
+    """
+    idle_time = 1.0 if repeats == 1 else 2.0
+    out = {}
+    with common.Stack() as stack:  # idle registrations
+        manager = stack.manager()
+        stack.worker(manager, 2)
+        client = stack.client(manager)
+        stack.wait_workers(client, 1)
+        argon_batch(client, 500)
+        alone = [_batch(manager, client, count, True, None) for _ in range(repeats)]
+        idle_alone = _idle(manager, None, idle_time)
+        helper = _standins(stack, manager, STANDINS, 1, 0)
+        workers = len(stack.wait_workers(client, 1 + STANDINS)["workers"])
+        idle_with = _idle(manager, helper, idle_time)
+        crowded = [_batch(manager, client, count, True, helper) for _ in range(repeats)]
+        helper.kill()
+        common.wait_for(lambda: len(client.status()["workers"]) == 1, 30, "the stand-ins to be dropped", 0.1)
+        alone += [_batch(manager, client, count, True, None) for _ in range(repeats)]
+        out["1 real worker"] = _summary(alone, idle_alone, 1)
+        out["1 real + 999 busy stand-ins"] = _summary(crowded, idle_with, workers)
+    with common.Stack() as one, common.Stack() as many:  # routing among many
+        setups = {}
+        for stack, standins, capacity in ((one, 1, STANDINS), (many, STANDINS, 1)):
+            manager = stack.manager()
+            client = stack.client(manager)
+            helper = _standins(stack, manager, standins, capacity, capacity)
+            workers = len(stack.wait_workers(client, standins)["workers"])
+            argon_batch(client, 500, check=False)
+            name = f"{standins} stand-in{'s' if standins > 1 else ''} x {capacity} free"
+            setups[name] = (manager, client, helper, workers)
+        idle = {name: _idle(m, h, idle_time) for name, (m, _, h, _) in setups.items()}
+        runs = common.interleave(repeats, {
+            name: functools.partial(_batch, m, c, count, False, h) for name, (m, c, h, _) in setups.items()
+        })
+        for name, (_, _, _, workers) in setups.items():
+            out[name] = _summary(runs[name], idle[name], workers)
+    return out
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Run the scenario and return its record."""
+    record = common.new_record("scaling", TITLE, ABOUT, quick)
+    ks = [1, 2] if quick else [1, 2, 4, 8]
+    steps = scale(ks, 25 if quick else PER_PROCESS)
+    one = steps[0]["rate"]
+    record["tables"].append({
+        "caption": f"sleep({SLEEP}) tasks, k workers x {PROCESSES} processes",
+        "columns": ["k", "tasks", "tasks/s", "ideal tasks/s", "vs k=1", "efficiency (rate / k x k=1)",
+                    "manager CPU (% of a core)"],
+        "rows": [[s["k"], s["tasks"], common.fmt(s["rate"]), common.fmt(s["ideal"]),
+                  common.fmt_ratio(s["rate"] / one), f"{s['rate'] / (s['k'] * one):.0%}",
+                  f"{s['manager_cpu']:.0%}"] for s in steps],
+    })
+    route = routing(1000 if quick else 10000, 1 if quick else 3)
+    base_idle, base_route = route["1 real worker"]["rate"], route[f"1 stand-in x {STANDINS} free"]["rate"]
+    rows = []
+    for name, r in route.items():
+        base = base_idle if "real" in name else base_route
+        rows.append([name, common.fmt(r["rate"]), common.fmt_ratio(r["rate"] / base),
+                     common.fmt(r["cpu_us_per_task"], 1), f"{r['standins_cpu']:.0%}",
+                     f"{r['idle_manager_cpu']:.1%}", f"{r['idle_standins_cpu']:.1%}"])
+    record["tables"].append({
+        "caption": "Trivial tasks with 1 vs 1,000 registered workers (relative to the first row of each pair);"
+                   " CPU in % of one core",
+        "columns": ["configuration", "tasks/s", "vs baseline", "manager CPU us/task", "stand-ins CPU",
+                    "idle: manager CPU", "idle: stand-ins CPU"],
+        "rows": rows,
+    })
+    record["targets"] = [
+        common.target(f"k={s['k']} throughput / (k x k=1)", s["rate"] / (s["k"] * one), 0.9, at_least=True, unit="x")
+        for s in steps[1:]
+    ]
+    record["targets"].append(common.target(
+        "throughput with 1,000 registered workers / with 1 (idle registrations)",
+        route["1 real + 999 busy stand-ins"]["rate"] / base_idle, 0.8, at_least=True, unit="x"))
+    record["targets"].append(common.target(
+        "throughput routing among 999 workers / among 1 (same capacity)",
+        route[f"{STANDINS} stand-ins x 1 free"]["rate"] / base_route, 0.8, at_least=True, unit="x"))
+    record["data"] = {"scaling": steps, "routing": route}
+    record["plot"] = plot(steps, route)
+    return common.finish(record)
+
+
+def plot(steps: list[dict[str, Any]], route: dict[str, dict[str, Any]]) -> str | None:
+    """Left: throughput against k with the ideal and the 0.9k target. Right: routing bars."""
+    plt = common.plt()
+    if plt is None:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    ks = [s["k"] for s in steps]
+    one = steps[0]["rate"]
+    left.plot(ks, [s["rate"] for s in steps], "o-", label="measured")
+    left.plot(ks, [s["ideal"] for s in steps], "k--", label="ideal (k x 4 / 0.02 s)")
+    left.plot(ks, [0.9 * k * one for k in ks], ":", color="tab:red", label="target: 0.9 k x (k=1)")
+    left.set_xscale("log", base=2)
+    left.set_xticks(ks, [str(k) for k in ks])
+    left.set_xlabel("workers (4 processes each)")
+    left.set_ylabel("sleep(0.02) tasks/s")
+    left.set_title("Adding workers")
+    left.legend(fontsize=8)
+    names = list(route)
+    right.barh(names[::-1], [route[n]["rate"] for n in names][::-1],
+               color=["tab:blue" if "real" in n else "tab:orange" for n in names[::-1]])
+    right.set_xlabel("trivial tasks/s")
+    right.set_title("1 vs 1,000 registered workers")
+    right.tick_params(axis="y", labelsize=8)
+    return common.save_plot(fig, "scaling")
