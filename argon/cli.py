@@ -321,19 +321,20 @@ def _status(args: dict[str, Any]) -> int:
     host, port = _address(args["HOST:PORT"], "status")
     watch = _number(args, "--watch", float, 0.1)
     tls = client_tls(args["--tls-ca"]) if args["--tls-ca"] else None
+    stop = gevent.event.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop.set)
     with argon.Client(host, port, key_file=args["--key"], tls=tls, retries=0) as client:
-        try:
-            while True:
-                status = client.status()
-                text = json.dumps(status, indent=2, sort_keys=True) if args["--json"] else render(status)
-                if watch:
-                    sys.stdout.write("\x1b[H\x1b[2J")  # cursor home, clear screen: refresh in place
-                print(text, flush=True)
-                if not watch:
-                    return 0
-                gevent.sleep(watch)
-        except KeyboardInterrupt:
-            return 0
+        while not stop.is_set():
+            status = client.status()
+            text = json.dumps(status, indent=2, sort_keys=True) if args["--json"] else render(status)
+            if watch:
+                sys.stdout.write("\x1b[H\x1b[2J")  # cursor home, clear screen: refresh in place
+            print(text, flush=True)
+            if not watch:
+                break
+            stop.wait(watch)
+    return 0
 
 
 def _local(args: dict[str, Any]) -> int:

@@ -72,7 +72,7 @@ def test_status_watch_refreshes_in_place(net):
     output = b""
     try:
         with gevent.Timeout(30):
-            while output.count(b"\x1b[H\x1b[2J") < 3:
+            while output.count(b"\x1b[H\x1b[2J") < 4:  # three complete refreshes
                 output += watcher.stdout.read1(4096) if hasattr(watcher.stdout, "read1") else watcher.stdout.read(64)
     finally:
         os.killpg(watcher.pid, signal.SIGINT)
