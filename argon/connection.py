@@ -29,12 +29,27 @@ import gevent.ssl
 from argon import defaults
 from argon._version import __version__
 from argon.errors import AuthenticationError, ConnectionLost, MessageTooLarge, ProtocolError
-from argon.protocol import VERSION, Bye, Failure, FrameBuffer, Hello, Message, Ping, Result, decode, encode, frame
+from argon.protocol import (
+    BIG,
+    VERSION,
+    Buffer,
+    Bye,
+    Failure,
+    FrameBuffer,
+    Hello,
+    Message,
+    Ping,
+    Result,
+    decode,
+    encode_parts,
+    frame_parts,
+)
 from argon.security import Session, client_handshake, refuse, server_handshake
 
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
+IOV_MAX = 1024
 SERIALIZER = "pickle+dill"
 
 
@@ -100,9 +115,10 @@ class Connection:
 
     # -- sending ----------------------------------------------------------------------
 
-    def _frame(self, msg: Message) -> bytes:
-        body = encode(msg)
-        return frame(body, self._signer.sign(body) if self._signer else b"")
+    def _frame(self, msg: Message) -> list[bytes]:
+        """The frame of ``msg``, as buffers (a large payload is one, uncopied)."""
+        parts = encode_parts(msg)
+        return frame_parts(parts, self._signer.sign(*parts) if self._signer else b"")
 
     def send(self, msg: Message) -> None:
         """Queue a message; it goes out with everything else queued in this loop iteration.
@@ -113,15 +129,16 @@ class Connection:
         """
         if self.closed:
             raise ConnectionLost(f"connection to {self.peer} is closed: {self.reason}")
-        data = self._frame(msg)
+        parts = self._frame(msg)
+        size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
         limit = self.hello.max_frame if self.hello is not None else 0
-        if limit and len(data) - 4 > limit:
+        if limit and size - 4 > limit:
             raise MessageTooLarge(
-                f"a {type(msg).__name__} of {len(data) - 4} bytes exceeds the {limit} byte"
+                f"a {type(msg).__name__} of {size - 4} bytes exceeds the {limit} byte"
                 f" limit of {self.peer} (its --max-frame)"
             )
-        self._out.append(data)
-        self._queued += len(data)
+        self._out += parts
+        self._queued += size
         if self.guard and self._queued > defaults.OUTBOX_HIGH and self._resumed.is_set():
             self._resumed.clear()
             if self._reading is not None:
@@ -140,23 +157,23 @@ class Connection:
         self._scheduled = False
         if self.closed or self._writing or not self._out:
             return
-        out, self._out = self._out, []
-        data = out[0] if len(out) == 1 else b"".join(out)
+        buffers, self._out = _gather(self._out), []
+        total = sum(len(buffer) for buffer in buffers)
         sent = 0
         if self._raw is not None:
             try:
-                sent = self._raw.send(data)
+                sent = self._raw.send(buffers[0]) if len(buffers) == 1 else self._raw.sendmsg(buffers)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
                 self.close(f"send failed: {exc}")
                 return
         self._sent(sent)
-        if sent == len(data):
+        if sent == total:
             self.last_send = time.monotonic()
             self._idle.set()
             return
-        self._out.insert(0, data[sent:])
+        self._out[:0] = _unsent(buffers, sent)
         self._writing = True
         self._wake.set()
 
@@ -177,7 +194,8 @@ class Connection:
 
     def send_now(self, msg: Message) -> None:
         """Send one message from the calling greenlet (used before the writer runs)."""
-        self.sock.sendall(self._frame(msg))
+        for part in self._frame(msg):
+            self.sock.sendall(part)
         self.last_send = time.monotonic()
 
     def _write_loop(self) -> None:
@@ -186,11 +204,11 @@ class Connection:
                 self._wake.wait()
                 self._wake.clear()
                 while self._out:
-                    out, self._out = self._out, []
-                    data = out[0] if len(out) == 1 else b"".join(out)
-                    self.sock.sendall(data)
-                    self.last_send = time.monotonic()
-                    self._sent(len(data))
+                    buffers, self._out = _gather(self._out), []
+                    for buffer in buffers:
+                        self.sock.sendall(buffer)
+                        self.last_send = time.monotonic()
+                        self._sent(len(buffer))
                 self._writing = False
                 self._idle.set()
         except OSError as exc:
@@ -274,33 +292,42 @@ class Connection:
 
     def _on_readable(self) -> None:
         """Hub callback: read what arrived and dispatch every complete message."""
+        raw = self._raw
+        assert raw is not None
+        space = self._frames.space()
         try:
-            data = self._raw.recv(RECV_SIZE)  # type: ignore[union-attr]
+            if space is not None:  # the rest of a large frame: straight into its buffer
+                with space:
+                    count = raw.recv_into(space)
+                data = b""
+            else:
+                data = raw.recv(RECV_SIZE)
+                count = len(data)
         except BlockingIOError:
             return
         except OSError as exc:
             self.close(self.reason or f"connection error: {exc}")
             return
-        if not data:
+        if not count:
             self.close("closed by peer")
             return
         self.last_recv = time.monotonic()
         try:
-            frames = self._frames_of(data)
+            frames = self._checked(self._frames.filled(count) if space is not None else self._frames.feed(data))
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
         self._receive(frames)
 
-    def _frames_of(self, data: bytes) -> list[bytes]:
+    def _frames_of(self, data: bytes) -> list[Buffer]:
         return self._checked(self._frames.feed(data))
 
-    def _checked(self, frames: list[bytes]) -> list[bytes]:
+    def _checked(self, frames: list[Buffer]) -> list[Buffer]:
         """The bodies of ``frames``, each MAC checked on an authenticated connection."""
         checker = self._checker
         return [checker.verify(f) for f in frames] if checker is not None else frames
 
-    def _receive(self, bodies: list[bytes]) -> None:
+    def _receive(self, bodies: list[Buffer]) -> None:
         """Decode and hand on each body; any failure closes the connection, logged."""
         handler, limit = self._handler, self.max_items
         try:
@@ -356,6 +383,36 @@ class Connection:
             self._writer.kill(block=False)
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def _gather(buffers: list[bytes]) -> list[bytes]:
+    """Join runs of small buffers, keep large ones whole: few, big buffers for ``sendmsg``."""
+    if len(buffers) == 1:
+        return buffers
+    gathered: list[bytes] = []
+    small: list[bytes] = []
+    for buffer in buffers:
+        if len(buffer) >= BIG:
+            if small:
+                gathered.append(b"".join(small))
+                small = []
+            gathered.append(buffer)
+        else:
+            small.append(buffer)
+    if small:
+        gathered.append(b"".join(small))
+    if len(gathered) > IOV_MAX:  # sendmsg takes at most IOV_MAX buffers at once
+        gathered[IOV_MAX - 1 :] = [b"".join(gathered[IOV_MAX - 1 :])]
+    return gathered
+
+
+def _unsent(buffers: list[bytes], sent: int) -> list[bytes]:
+    """What is left of ``buffers`` after the first ``sent`` bytes went out."""
+    for index, buffer in enumerate(buffers):
+        if sent < len(buffer):
+            return [memoryview(buffer)[sent:], *buffers[index + 1 :]]  # type: ignore[list-item]
+        sent -= len(buffer)
+    return []
 
 
 def _tune(sock: Any) -> None:

@@ -111,9 +111,18 @@ class FreeSlots:
 
     def __init__(self) -> None:
         self._buckets: list[dict[WorkerLink, None]] = [{}]
+        self._top = 0  # no bucket above this one holds a worker
+
+    def _highest(self) -> int:
+        """The most free processes any worker has (lowering the mark past empty buckets)."""
+        buckets, top = self._buckets, self._top
+        while top and not buckets[top]:
+            top -= 1
+        self._top = top
+        return top
 
     def __bool__(self) -> bool:
-        return any(self._buckets[1:])
+        return self._highest() > 0
 
     def add(self, link: WorkerLink, count: int) -> None:
         """Give ``link`` ``count`` more free processes."""
@@ -124,6 +133,7 @@ class FreeSlots:
         while len(self._buckets) <= link.free:
             self._buckets.append({})
         self._buckets[link.free][link] = None
+        self._top = max(self._top, link.free)
 
     def remove(self, link: WorkerLink) -> None:
         """Take ``link`` out of routing altogether."""
@@ -132,16 +142,15 @@ class FreeSlots:
 
     def take(self) -> WorkerLink | None:
         """Claim one process on the worker with the most free ones; None if all are busy."""
-        buckets = self._buckets
-        for free in range(len(buckets) - 1, 0, -1):
-            bucket = buckets[free]
-            if bucket:
-                link = next(iter(bucket))
-                del bucket[link]
-                link.free = free - 1
-                buckets[free - 1][link] = None
-                return link
-        return None
+        free = self._highest()
+        if not free:
+            return None
+        bucket = self._buckets[free]
+        link = next(iter(bucket))
+        del bucket[link]
+        link.free = free - 1
+        self._buckets[free - 1][link] = None
+        return link
 
 
 class Manager(Server):

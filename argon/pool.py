@@ -37,7 +37,7 @@ import psutil
 
 from argon import defaults
 from argon.errors import ProcessDied, ProtocolError
-from argon.protocol import Failure, FrameBuffer, Hello, Result, Task, decode, encode, frame
+from argon.protocol import Buffer, Failure, FrameBuffer, Hello, Result, Task, decode, encode_parts, frame_parts
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class PoolProcess:
         self.readable = loop.io(self._from_child, 1)
         self._writable = loop.io(self._to_child, 2)
         self._timer: Any = None
-        self._pending = memoryview(b"")
+        self._pending: list[Buffer] = []
         self._frames = FrameBuffer(max_frame)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
@@ -127,7 +127,7 @@ class PoolProcess:
         hub = gevent.get_hub()
         try:
             with gevent.Timeout(timeout, ProcessDied(f"pool process {self.pid} did not start in {timeout}s")):
-                frames: list[bytes] = []
+                frames: list[Buffer] = []
                 while not frames:
                     try:
                         data = os.read(self._from_child, READ_SIZE)
@@ -151,29 +151,32 @@ class PoolProcess:
         if task.timeout:
             self._timer = gevent.get_hub().loop.timer(task.timeout)
             self._timer.start(on_timeout, self)
-        data = frame(encode(task))
-        try:
-            written = os.write(self._to_child, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            return  # the process is gone: the reader sees end of file and reports it
-        if written < len(data):
-            self._pending = memoryview(data)[written:]
+        self._pending = list(frame_parts(encode_parts(task)))  # a large payload is not copied
+        if not self._write():
             self._writable.start(self._write_more)
 
-    def _write_more(self) -> None:
+    def _write(self) -> bool:
+        """Write as much of the pending task as the pipe takes; True once it is all out."""
         try:
-            written = os.write(self._to_child, self._pending)
+            written = os.writev(self._to_child, self._pending)
         except BlockingIOError:
-            return
+            return False
         except OSError:
-            written = len(self._pending)  # the reader will report the death
-        self._pending = self._pending[written:]
-        if not self._pending:
+            self._pending = []  # the process is gone: the reader sees end of file, reports it
+            return True
+        for index, part in enumerate(self._pending):
+            if written < len(part):
+                self._pending = [memoryview(part)[written:], *self._pending[index + 1 :]]
+                return False
+            written -= len(part)
+        self._pending = []
+        return True
+
+    def _write_more(self) -> None:
+        if self._write():
             self._writable.stop()
 
-    def read_replies(self) -> list[bytes] | None:
+    def read_replies(self) -> list[Buffer] | None:
         """Frames available now (maybe none); None at end of file (the process died)."""
         try:
             data = os.read(self._from_child, READ_SIZE)
@@ -189,7 +192,7 @@ class PoolProcess:
         if self._timer is not None:
             self._timer.close()
             self._timer = None
-        self._pending = memoryview(b"")
+        self._pending = []
         self._writable.stop()
         return job
 

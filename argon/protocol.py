@@ -28,6 +28,12 @@ VERSION = 1
 #: Frame header: the length of the rest of the frame.
 HEADER = struct.Struct("!I")
 
+#: Payloads at least this large travel as buffers of their own (see :func:`encode_parts`).
+BIG = 64 * 1024
+
+#: What frames and bodies may be held in: large ones are read in place, not copied.
+Buffer = bytes | bytearray | memoryview
+
 # msgpack decodes to exact builtin types, so fields are checked with exact type sets
 # (which also keeps a bool from passing as an int).
 _INT = frozenset({int})
@@ -192,6 +198,8 @@ _BY_KIND: dict[int, tuple[type, tuple[frozenset[Any], ...], int]] = {
 }
 
 
+#: Where (index in ``[kind, *fields]``) each message kind carries payload bytes.
+_PAYLOADS = {Task: (2, 3), Result: (2,), Failure: (4,)}
 _unpackb = msgpack.unpackb
 _packb = msgpack.packb
 _new_tuple = tuple.__new__
@@ -209,7 +217,7 @@ def encode(msg: Message) -> bytes:
     return _packb([_KIND[type(msg)], *msg])
 
 
-def decode(body: bytes | memoryview, max_items: int = defaults.MAX_ITEMS) -> Message:
+def decode(body: Buffer, max_items: int = defaults.MAX_ITEMS) -> Message:
     """Decode and validate a frame body.
 
     Args:
@@ -249,44 +257,114 @@ def decode(body: bytes | memoryview, max_items: int = defaults.MAX_ITEMS) -> Mes
     return cls(*fields)
 
 
+def encode_parts(msg: Message) -> list[bytes]:
+    """Encode a message as buffers whose concatenation is :func:`encode`'s body.
+
+    A large ``bytes`` field (a task's arguments, a result) becomes a buffer of its own,
+    passed on without being copied, so a payload crosses a hop with as few copies as the
+    sockets and pipes allow.
+    """
+    fields = [_KIND[type(msg)], *msg]
+    payloads = _PAYLOADS.get(type(msg))
+    if payloads is None or all(len(fields[i] or b"") < BIG for i in payloads):
+        return [_packb(fields)]
+    parts: list[bytes] = []
+    small = bytearray(bytes([0x90 | len(fields)]))  # every message has fewer than 16 fields
+    for value in fields:
+        if type(value) is bytes and len(value) >= BIG:
+            small += _bin_header(len(value))
+            parts += (bytes(small), value)
+            small = bytearray()
+        else:
+            small += _packb(value)
+    if small:
+        parts.append(bytes(small))
+    return parts
+
+
+def _bin_header(size: int) -> bytes:
+    """The msgpack header of a ``bin`` of ``size`` bytes."""
+    if size < 0x100:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 0x10000:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
 def frame(body: bytes, mac: bytes = b"") -> bytes:
     """Build a frame: header, then ``mac``, then ``body``."""
     return HEADER.pack(len(mac) + len(body)) + mac + body
+
+
+def frame_parts(parts: list[bytes], mac: bytes = b"") -> list[bytes]:
+    """A frame made of the buffers of :func:`encode_parts`: the header joins the first one."""
+    if len(parts) == 1:
+        return [HEADER.pack(len(mac) + len(parts[0])) + mac + parts[0]]
+    size = len(mac) + sum(len(part) for part in parts)
+    return [HEADER.pack(size) + mac + parts[0], *parts[1:]]
 
 
 class FrameBuffer:
     """Splits a byte stream into frames, refusing any frame over ``max_frame`` bytes.
 
     The length is checked as soon as the header arrives, before the frame's bytes are
-    read, so an oversized claim costs nothing.
+    read, so an oversized claim costs nothing. A large frame gets a buffer of its exact
+    size as soon as its header arrives, which the reader can fill in place
+    (:meth:`space` and :meth:`filled`), so its bytes are copied once.
     """
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
+        self._big: bytearray | None = None
+        self._have = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> list[Buffer]:
         """Add received bytes and return the frames they complete (without headers).
 
         Raises:
             ProtocolError: A header claims more than ``max_frame`` bytes.
         """
+        if self._big is not None:
+            room = len(self._big) - self._have
+            self._big[self._have : self._have + min(room, len(data))] = memoryview(data)[:room]
+            done = self.filled(min(room, len(data)))
+            return done + self.feed(data[room:]) if len(data) > room else done
         buf = self._buf
         buf += data
-        frames = []
+        frames: list[Buffer] = []
         pos = 0
         end = len(buf)
-        while end - pos >= 4:
-            (size,) = HEADER.unpack_from(buf, pos)
-            if size > self.max_frame:
-                raise ProtocolError(f"frame of {size} bytes exceeds the {self.max_frame} byte limit")
-            if end - pos - 4 < size:
-                break
-            frames.append(bytes(buf[pos + 4 : pos + 4 + size]))
-            pos += 4 + size
+        with memoryview(buf) as view:
+            while end - pos >= 4:
+                (size,) = HEADER.unpack_from(buf, pos)
+                if size > self.max_frame:
+                    raise ProtocolError(f"frame of {size} bytes exceeds the {self.max_frame} byte limit")
+                if end - pos - 4 < size:
+                    if size >= BIG:  # start filling it in place
+                        self._big = bytearray(size)
+                        self._have = end - pos - 4
+                        self._big[: self._have] = view[pos + 4 : end]
+                        pos = end
+                    break
+                frames.append(bytes(view[pos + 4 : pos + 4 + size]))
+                pos += 4 + size
         if pos:
             del buf[:pos]
         return frames
+
+    def space(self) -> memoryview | None:
+        """Where to receive the rest of a large frame directly, if one is pending."""
+        return None if self._big is None else memoryview(self._big)[self._have :]
+
+    def filled(self, count: int) -> list[Buffer]:
+        """Note ``count`` bytes received into :meth:`space`; return the frame if complete."""
+        self._have += count
+        big = self._big
+        if big is None or self._have < len(big):
+            return []
+        self._big = None
+        return [big]
 
 
 def read_frame(stream: BinaryIO, max_frame: int) -> bytes | None:

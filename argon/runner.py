@@ -20,18 +20,32 @@ import sys
 from typing import BinaryIO
 
 from argon.osutil import die_with_parent
-from argon.protocol import VERSION, Failure, Hello, Result, Task, decode, encode, frame, read_frame
+from argon.protocol import VERSION, Failure, Hello, Result, Task, decode, encode_parts, frame_parts, read_frame
 from argon.serialize import LoadedFunctions, dumps, dumps_exception, loads
 
 
-def _private_pipes() -> tuple[BinaryIO, BinaryIO]:
+def _private_pipes() -> tuple[BinaryIO, int]:
     stdin = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
-    stdout = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
+    stdout = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
     return stdin, stdout
+
+
+def _send(fd: int, msg: Hello | Result | Failure) -> int:
+    """Write one frame with ``writev`` (a large result is not copied); return its body size."""
+    parts = frame_parts(encode_parts(msg))
+    size = sum(len(part) for part in parts) - 4
+    views = [memoryview(part) for part in parts]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]
+    return size
 
 
 def run(task: Task, functions: LoadedFunctions) -> Result | Failure:
@@ -57,23 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(parent)
     stdin, stdout = _private_pipes()
     functions = LoadedFunctions()
-    stdout.write(frame(encode(Hello(VERSION, "pool", str(os.getpid())))))
-    stdout.flush()
+    _send(stdout, Hello(VERSION, "pool", str(os.getpid())))
     while (body := read_frame(stdin, max_frame)) is not None:
         task = decode(body)
         if type(task) is not Task:
             return 2
-        reply = encode(run(task, functions))
-        if len(reply) > max_frame:
-            reply = encode(
-                Failure(
-                    task.id,
-                    "MessageTooLarge",
-                    f"the result of {len(reply)} bytes exceeds the {max_frame} byte limit (--max-frame)",
-                )
+        reply = run(task, functions)
+        size = sum(len(part) for part in encode_parts(reply)) if isinstance(reply, Result) else 0
+        if size > max_frame:
+            reply = Failure(
+                task.id,
+                "MessageTooLarge",
+                f"the result of {size} bytes exceeds the {max_frame} byte limit (--max-frame)",
             )
-        stdout.write(frame(reply))
-        stdout.flush()
+        _send(stdout, reply)
     return 0
 
 

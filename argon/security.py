@@ -34,6 +34,7 @@ from typing import Protocol
 import gevent.ssl
 
 from argon.errors import AuthenticationError, ProtocolError
+from argon.protocol import BIG, Buffer
 
 KEY_BYTES = 32
 MAC_BYTES = 32
@@ -192,18 +193,19 @@ class FrameSigner:
         self._base = hmac.new(key, digestmod=hashlib.sha256)
         self.seq = 0
 
-    def _mac(self, body: bytes) -> bytes:
+    def _mac(self, *parts: Buffer) -> bytes:
         mac = self._base.copy()
         mac.update(_SEQ.pack(self.seq))
-        mac.update(body)
+        for part in parts:
+            mac.update(part)
         self.seq += 1
         return mac.digest()
 
-    def sign(self, body: bytes) -> bytes:
-        """Return the MAC to send before ``body``."""
-        return self._mac(body)
+    def sign(self, *parts: bytes) -> bytes:
+        """Return the MAC to send before the body made of ``parts``."""
+        return self._mac(*parts)
 
-    def verify(self, data: bytes) -> bytes:
+    def verify(self, data: Buffer) -> Buffer:
         """Check a received ``mac || body`` and return the body.
 
         Raises:
@@ -211,7 +213,7 @@ class FrameSigner:
         """
         if len(data) < MAC_BYTES:
             raise ProtocolError("frame too short to carry a MAC")
-        body = data[MAC_BYTES:]
+        body = data[MAC_BYTES:] if len(data) < BIG else memoryview(data)[MAC_BYTES:]
         if not hmac.compare_digest(self._mac(body), data[:MAC_BYTES]):
             raise ProtocolError(f"frame {self.seq - 1} failed authentication")
         return body
