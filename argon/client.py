@@ -52,13 +52,14 @@ _UNSENT, _SENT, _BACKOFF, _DONE = range(4)
 class _Pending:
     """A request the client has not had an answer to yet."""
 
-    __slots__ = ("msg", "resends", "result", "retries", "since", "state", "tries")
+    __slots__ = ("msg", "resends", "result", "retries", "sent_at", "since", "state", "tries")
 
     def __init__(self, msg: Task | StatusRequest, retries: int) -> None:
         self.msg = msg
         self.result = gevent.event.AsyncResult()
         self.retries = retries
         self.tries = 0
+        self.sent_at: float | None = None
         self.resends = 0
         self.state = _UNSENT
         self.since = time.monotonic()
@@ -81,6 +82,20 @@ class Deferred:
     def id(self) -> int:
         """The task's id on its client's connection."""
         return self._pending.msg.id
+
+    @property
+    def tries(self) -> int:
+        """How many times the task was sent (more than once after rejections or reconnects)."""
+        return self._pending.tries
+
+    @property
+    def sent_at(self) -> float | None:
+        """When (``time.monotonic()``) the task was last sent; None if it never was.
+
+        The time from here to the result is what the network took for the accepted send,
+        without the client's own waits between retries.
+        """
+        return self._pending.sent_at
 
     def done(self) -> bool:
         """Whether the result (or error) has arrived."""
@@ -361,6 +376,7 @@ class Client:
                 conn.send(pending.msg)
                 pending.state = _SENT
                 pending.tries += 1
+                pending.sent_at = time.monotonic()
                 return
             except MessageTooLarge as exc:
                 self._finish(pending.msg.id, exc)

@@ -30,9 +30,14 @@ waiting task per process, so a task that is admitted waits at most about one ser
 and its latency stays under about 2x the service time) and the default client (`retries=10`, so a
 rejected task is re-sent after a growing delay for about ten seconds); with the same
 manager and `Client(retries=0)` (rejections reach the caller at once); and with an
-unbounded manager queue. Latency is submit-to-result of completed tasks, grouped by the
-second in which the task was submitted. Rejections are the manager's `rejected` counter
-(every refusal, first sends and retries alike); retries are rejections the client re-sent.
+unbounded manager queue. Latency is measured two ways for completed tasks: *end to end*,
+from the first submission to the result, which for a retried task includes the client's
+own waits between retries (up to the ~10 s retry budget, by design: the task waits at
+the client instead of in the manager's queue); and *service*, from the accepted send
+(`Deferred.sent_at`) to the result, which is what `--queue-size` bounds and what the
+target is judged on. Per-second figures group tasks by the second they were submitted.
+Rejections are the manager's `rejected` counter (every refusal, first sends and retries
+alike); retries are rejections the client re-sent.
 The manager's RSS is sampled with psutil every 0.5 s. After the offer window the run waits
 for every outstanding task (the unbounded queue takes about 4x the window to drain); a task
 is *lost* if it neither completed nor failed with a clear error (`TaskRejected`, ...).
@@ -46,7 +51,7 @@ def offer(client: common.Client, manager: common.Proc, rate: float, duration: fl
           drain: float) -> dict[str, Any]:
     """Offer ``rate`` tasks/s for ``duration`` seconds, then wait up to ``drain`` s for the rest."""
     count = int(rate * duration)
-    outcomes: list[tuple[float, float, str] | None] = [None] * count
+    outcomes: list[tuple[float, float, str, float | None] | None] = [None] * count
     deferreds: list[Any] = [None] * count
     samples: list[dict[str, float]] = []
     waiters = gevent.pool.Group()
@@ -60,7 +65,9 @@ def offer(client: common.Client, manager: common.Proc, rate: float, duration: fl
             kind = type(exc).__name__
         except Exception as exc:  # the task's own error would be a bug here: keep its name
             kind = f"error:{type(exc).__name__}"
-        outcomes[i] = (submitted, time.perf_counter() - t0 - submitted, kind)
+        sent_at = deferreds[i].sent_at  # the accepted (last) send: what the network itself took
+        service = time.monotonic() - sent_at if sent_at is not None else None
+        outcomes[i] = (submitted, time.perf_counter() - t0 - submitted, kind, service)
 
     def sample() -> None:
         for _ in range(int((duration + drain + 60) / SAMPLE)):
@@ -117,7 +124,10 @@ def analyse(raw: dict[str, Any], duration: float) -> dict[str, Any]:
     rss_max = max((x["rss"] for x in window), default=0)
     rejected = raw["status"]["rejected"]
     lat_all = [o[1] for o in completed]
+    service = [o[3] for o in completed if o[3] is not None]
     return {
+        "service_p50": common.median(service) if service else None,
+        "service_p99": common.percentile(service, 99) if service else None,
         "offered": raw["offered"],
         "completed": len(completed),
         "failures": failures,
@@ -187,20 +197,26 @@ def run(quick: bool) -> dict[str, Any]:
         failed = ", ".join(f"{k} {v}" for k, v in sorted(r["failures"].items())) or "0"
         rows.append([name, r["offered"], r["completed"], failed, r["rejected"], r["retries"], r["lost"],
                      common.fmt((r["p50"] or 0) * 1000), common.fmt((r["p99"] or 0) * 1000),
+                     common.fmt((r["service_p99"] or 0) * 1000),
                      f"{r['rss_start_mb']:.0f} -> {r['rss_max_mb']:.0f} ({(r['rss_growth'] or 0):+.0%})",
                      f"{r['drain_seconds']:.1f}"])
     record["tables"].append({
         "caption": f"Offered load vs measured capacity {capacity:.1f} tasks/s (nominal {CAPACITY:.0f});"
-                   " latency of completed tasks, ms",
+                   " latency of completed tasks, ms: end to end (first submission to result, including the"
+                   " client's waits between retries) and service (the accepted send to result)",
         "columns": ["run", "offered", "completed", "failed (clear error)", "rejections", "retries", "lost",
-                    "p50 ms", "p99 ms", "manager RSS MB", "drain s"],
+                    "p50 ms", "p99 ms", "service p99 ms", "manager RSS MB", "drain s"],
         "rows": rows,
     })
     ref = runs["1x load (reference)"]["p99"]
+    ref_service = runs["1x load (reference)"]["service_p99"]
     for name in (f"5x, --queue-size {QUEUE_SIZE}", f"5x, --queue-size {QUEUE_SIZE}, retries=0"):
         r = runs[name]
         record["targets"] += [
-            common.target(f"[{name}] p99 / p99 at 1x", common.ratio(r["p99"], ref), 2, at_least=False, unit="x"),
+            common.target(f"[{name}] service p99 / service p99 at 1x", common.ratio(r["service_p99"], ref_service),
+                          2, at_least=False, unit="x"),
+            common.target(f"[{name}] end-to-end p99 / p99 at 1x", common.ratio(r["p99"], ref), 2, at_least=False,
+                          unit="x"),
             common.target(f"[{name}] manager RSS growth", 100 * (r["rss_growth"] or 0), 10, at_least=False,
                           unit="%"),
             common.target(f"[{name}] tasks lost", r["lost"], 0, at_least=False),

@@ -245,12 +245,16 @@ def test_queue_size_rejects_without_retries(net):
 
 def test_queue_size_rejections_are_retried_transparently(net):
     _, _, client = net.cluster(workers=1, processes=1, manager_args=("--queue-size", "1"))
+    started = time.monotonic()
     deferreds = [client.defer(_span, [0.2]) for _ in range(5)]
     spans = [d() for d in deferreds]
     assert len(spans) == 5
     status = client.status()
     assert status["rejected"] >= 1  # the manager did reject some ...
     assert status["completed"] == 5  # ... and the client's retries got every one through
+    assert sum(d.tries for d in deferreds) == 5 + status["rejected"]  # each rejection cost one more send
+    retried = [d for d in deferreds if d.tries > 1]
+    assert retried and all(d.sent_at is not None and d.sent_at > started for d in deferreds)
 
 
 def test_monkey_patched_script_with_threads(net, tmp_path):
