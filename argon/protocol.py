@@ -308,63 +308,84 @@ class FrameBuffer:
     """Splits a byte stream into frames, refusing any frame over ``max_frame`` bytes.
 
     The length is checked as soon as the header arrives, before the frame's bytes are
-    read, so an oversized claim costs nothing. A large frame gets a buffer of its exact
-    size as soon as its header arrives, which the reader can fill in place
-    (:meth:`space` and :meth:`filled`), so its bytes are copied once.
+    read, so an oversized claim costs nothing. A large frame is received into chunks of
+    ``CHUNK`` bytes (the reader fills them in place: :meth:`space`, :meth:`filled`), so
+    memory grows with the bytes that really arrive, never with what a header claims.
     """
+
+    CHUNK = 1 << 20
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
-        self._big: bytearray | None = None
+        self._chunks: list[bytearray] | None = None  # a large frame being received
+        self._need = 0
         self._have = 0
+        self._fill = 0
 
-    def feed(self, data: bytes) -> list[Buffer]:
+    def feed(self, data: bytes | memoryview) -> list[Buffer]:
         """Add received bytes and return the frames they complete (without headers).
 
         Raises:
             ProtocolError: A header claims more than ``max_frame`` bytes.
         """
-        if self._big is not None:
-            room = len(self._big) - self._have
-            self._big[self._have : self._have + min(room, len(data))] = memoryview(data)[:room]
-            done = self.filled(min(room, len(data)))
-            return done + self.feed(data[room:]) if len(data) > room else done
-        buf = self._buf
-        buf += data
         frames: list[Buffer] = []
+        view = memoryview(data)
+        while self._chunks is not None and view:  # the rest of a large frame
+            space = self.space()
+            assert space is not None
+            count = min(len(space), len(view))
+            space[:count] = view[:count]
+            frames += self.filled(count)
+            view = view[count:]
+        if not view:
+            return frames
+        buf = self._buf
+        buf += view
         pos = 0
         end = len(buf)
-        with memoryview(buf) as view:
+        rest = b""
+        with memoryview(buf) as whole:
             while end - pos >= 4:
                 (size,) = HEADER.unpack_from(buf, pos)
                 if size > self.max_frame:
                     raise ProtocolError(f"frame of {size} bytes exceeds the {self.max_frame} byte limit")
                 if end - pos - 4 < size:
-                    if size >= BIG:  # start filling it in place
-                        self._big = bytearray(size)
-                        self._have = end - pos - 4
-                        self._big[: self._have] = view[pos + 4 : end]
+                    if size >= BIG:  # receive the rest in place, chunk by chunk
+                        self._chunks, self._need, self._have, self._fill = [], size, 0, 0
+                        rest = bytes(whole[pos + 4 : end])
                         pos = end
                     break
-                frames.append(bytes(view[pos + 4 : pos + 4 + size]))
+                frames.append(bytes(whole[pos + 4 : pos + 4 + size]))
                 pos += 4 + size
         if pos:
             del buf[:pos]
+        if self._chunks is not None and rest:
+            frames += self.feed(rest)
         return frames
 
     def space(self) -> memoryview | None:
-        """Where to receive the rest of a large frame directly, if one is pending."""
-        return None if self._big is None else memoryview(self._big)[self._have :]
+        """Where to receive more of a large frame directly, if one is pending."""
+        chunks = self._chunks
+        if chunks is None:
+            return None
+        if not chunks or self._fill == len(chunks[-1]):
+            # Chunks grow with what has arrived (64 KiB, then doubling up to CHUNK): a
+            # header that claims a lot but sends little costs little.
+            size = min(self.CHUNK, max(BIG, self._have), self._need - self._have)
+            chunks.append(bytearray(size))
+            self._fill = 0
+        return memoryview(chunks[-1])[self._fill :]
 
     def filled(self, count: int) -> list[Buffer]:
-        """Note ``count`` bytes received into :meth:`space`; return the frame if complete."""
+        """Note ``count`` bytes received into :meth:`space`; return the frame once complete."""
+        self._fill += count
         self._have += count
-        big = self._big
-        if big is None or self._have < len(big):
+        chunks = self._chunks
+        if chunks is None or self._have < self._need:
             return []
-        self._big = None
-        return [big]
+        self._chunks = None
+        return [chunks[0] if len(chunks) == 1 else b"".join(chunks)]
 
 
 def read_frame(stream: BinaryIO, max_frame: int) -> bytes | None:

@@ -500,3 +500,22 @@ def test_small_frame_cannot_claim_more_elements_than_it_has_bytes():
     raised, peak, _ = _decode_cost(body)
     assert isinstance(raised, ProtocolError)
     assert peak < 64 * 1024
+
+
+def test_a_large_claimed_frame_costs_memory_only_as_its_bytes_arrive():
+    """A header claiming 60 MB must not make the receiver reserve 60 MB up front."""
+    import tracemalloc
+
+    from argon.protocol import HEADER, FrameBuffer
+
+    buffer = FrameBuffer(64 << 20)
+    tracemalloc.start()
+    try:
+        assert buffer.feed(HEADER.pack(60 << 20) + b"x" * 100) == []
+        claimed_only = tracemalloc.get_traced_memory()[1]
+        buffer.feed(b"y" * (4 << 20))
+        partly = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert claimed_only < 256 * 1024
+    assert partly < 12 << 20  # what arrived, plus chunk headroom: nowhere near 60 MB
