@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -53,63 +51,15 @@ import gevent.subprocess
 import psutil
 
 from argon import ArgonError, Client, TaskTimeout
+from bench import common
 
 REPO = Path(__file__).resolve().parents[1]
-ARGON = REPO / "bin" / "argon"
 RESULTS = REPO / "bench" / "results" / "chaos.json"
 HOST = "127.0.0.1"
 HEARTBEAT = "0.5"
 POOL_SIZE = 2
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
-START_TIMEOUT = 60.0
 
 # -- helpers: argon processes in their own sessions -------------------------------------------
-
-
-class Proc:
-    """One ``bin/argon`` process in its own session; stderr goes to a log file."""
-
-    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ARGON_")}
-        env["PYTHONPATH"] = str(REPO)
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in kill()
-        self.popen = gevent.subprocess.Popen(
-            [sys.executable, str(ARGON), *args, "--host", HOST, "--port", "0", "--verbose"],
-            stdin=gevent.subprocess.DEVNULL,
-            stdout=gevent.subprocess.PIPE,
-            stderr=self._log,
-            env=env,
-            cwd=str(log_dir),
-            start_new_session=True,
-        )
-        self.pid: int = self.popen.pid
-        self.port = 0
-
-    def wait_listening(self, timeout: float = START_TIMEOUT) -> Proc:
-        """Read the ``listening on HOST:PORT`` line and remember the port."""
-        with gevent.Timeout(timeout, TimeoutError(f"{self.name} did not start in {timeout}s; see {self.log_path}")):
-            line = self.popen.stdout.readline().decode(errors="replace")
-        match = LISTENING.search(line)
-        if match is None:
-            raise RuntimeError(f"{self.name} printed {line!r}; see {self.log_path}")
-        self.port = int(match.group(2))
-        return self
-
-    def alive(self) -> bool:
-        """Whether the process has not exited."""
-        return self.popen.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (pool processes too) and reap the process."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(gevent.subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
-        with contextlib.suppress(OSError):
-            self.popen.stdout.close()
-        self._log.close()
 
 
 def make_task(path: str, seconds: float) -> Callable[[int], int]:
@@ -139,19 +89,19 @@ class Chaos:
     rng: random.Random
     worker_share: float
     restart_delay: float
-    procs: list[Proc]
-    workers: list[Proc] = field(default_factory=list)
+    procs: list[common.Proc]
+    workers: list[common.Proc] = field(default_factory=list)
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     restarting: gevent.pool.Group = field(default_factory=gevent.pool.Group)
 
-    def start_worker(self) -> Proc:
+    def start_worker(self) -> common.Proc:
         """Start a worker for the manager, wait until it listens, and track it."""
         self.counts["workers_started"] += 1
-        proc = Proc(
-            f"worker-{self.counts['workers_started']}",
-            ["worker", "--manager", f"{HOST}:{self.manager_port}", "--workers", str(POOL_SIZE),
-             "--heartbeat", HEARTBEAT],
+        proc = common.argon_process(
+            "worker",
+            ["--manager", f"{HOST}:{self.manager_port}", "--workers", str(POOL_SIZE), "--heartbeat", HEARTBEAT],
             self.log_dir,
+            name=f"worker-{self.counts['workers_started']}",
         )
         self.procs.append(proc)
         proc.wait_listening()
@@ -292,13 +242,13 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     """Start the network, run the tasks under chaos, and return the record."""
     log_dir = Path(tempfile.mkdtemp(prefix="argon-chaos-"))
     exec_log = log_dir / "executions.txt"
-    procs: list[Proc] = []
+    procs: list[common.Proc] = []
     client: Client | None = None
     chaos_greenlet: gevent.Greenlet | None = None
     chaos: Chaos | None = None
     record: dict[str, Any] = {}
     try:
-        manager = Proc("manager", ["manager", "--heartbeat", HEARTBEAT], log_dir)
+        manager = common.argon_process("manager", ["--heartbeat", HEARTBEAT], log_dir)
         procs.append(manager)
         manager.wait_listening()
         chaos = Chaos(manager.port, log_dir, random.Random(opts.seed), opts.worker_share, opts.restart_delay, procs)

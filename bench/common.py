@@ -67,6 +67,12 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def argon_process(role: str, args: Sequence[str], log_dir: Path, name: str | None = None) -> Proc:
+    """Start ``bin/argon ROLE ARGS`` on 127.0.0.1 (port 0, verbose); call ``wait_listening``."""
+    cmd = [sys.executable, str(ARGON), role, "--host", HOST, "--port", "0", "--verbose", *args]
+    return Proc(name or role, cmd, log_dir, child_env())
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for servers without ``--port 0``)."""
     with socket.socket() as sock:
@@ -132,11 +138,16 @@ class Proc:
         self.host, self.port = match.group(1), int(match.group(2))
         return self
 
-    def log(self) -> str:
-        """Everything the process wrote to stderr so far (last 4,000 characters)."""
+    def log(self, tail: int | None = 4000) -> str:
+        """What the process wrote to stderr so far: its last ``tail`` characters (None: all)."""
         with contextlib.suppress(OSError, ValueError):
             self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
+        text = self.log_path.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
+
+    def alive(self) -> bool:
+        """Whether the process has not exited."""
+        return self.popen.poll() is None
 
     def rss(self) -> int:
         """Resident memory of the process itself, in bytes (0 once it is gone)."""

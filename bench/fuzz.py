@@ -61,7 +61,6 @@ import gevent.event
 import gevent.socket
 import gevent.subprocess
 import msgpack
-import psutil
 
 from argon import ArgonError, Client, defaults
 from argon.errors import ProtocolError
@@ -86,11 +85,11 @@ from argon.protocol import (
     frame,
 )
 from argon.security import MAC_BYTES, FrameSigner, client_handshake, load_key_file
+from bench import common
 
 REPO = Path(__file__).resolve().parents[1]
 ARGON = REPO / "bin" / "argon"
 HOST = "127.0.0.1"
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 MAX_FRAME = defaults.MAX_FRAME
 IO_TIMEOUT = 5.0
 #: How long the server may take to close a connection it must close (its handshake timeout, plus slack).
@@ -104,57 +103,6 @@ CLIENT_MAY_SEND = (Task, StatusRequest, Cancel, Ping, Bye)
 
 
 # -- processes --------------------------------------------------------------------------------------
-
-
-class Server:
-    """One ``bin/argon`` process in its own session, logging to a file."""
-
-    def __init__(self, role: str, args: list[str], log_dir: Path) -> None:
-        self.role = role
-        self.log_path = log_dir / f"{role}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in kill()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ARGON_")}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        self.popen = gevent.subprocess.Popen(
-            [sys.executable, str(ARGON), role, "--host", HOST, "--port", "0", "--verbose", *args],
-            stdin=gevent.subprocess.DEVNULL, stdout=gevent.subprocess.PIPE, stderr=self._log,
-            env=env, cwd=str(log_dir), start_new_session=True,
-        )
-        self.pid = self.popen.pid
-        with gevent.Timeout(60, RuntimeError(f"{role} did not start:\n{self.log()[-2000:]}")):
-            line = self.popen.stdout.readline().decode(errors="replace")
-        match = LISTENING.search(line)
-        if not match:
-            raise RuntimeError(f"{role} printed {line!r}:\n{self.log()[-2000:]}")
-        self.host, self.port = match.group(1), int(match.group(2))
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def rss(self) -> int:
-        try:
-            return int(psutil.Process(self.pid).memory_info().rss)
-        except psutil.Error:
-            return 0
-
-    def log(self) -> str:
-        with contextlib.suppress(OSError, ValueError):
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group and reap the process."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(gevent.subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-        self._log.close()
 
 
 # -- what to send -----------------------------------------------------------------------------------
@@ -403,7 +351,7 @@ class Link:
 class Fuzzer:
     """Everything one run shares: the target, the counts, when to stop."""
 
-    def __init__(self, opts: argparse.Namespace, manager: Server, key: bytes | None) -> None:
+    def __init__(self, opts: argparse.Namespace, manager: common.Proc, key: bytes | None) -> None:
         self.opts = opts
         self.address = (manager.host, manager.port)
         self.key = key
@@ -542,7 +490,7 @@ def steady(client: Client, fuzzer: Fuzzer, done: gevent.event.Event) -> None:
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     """Start the servers, fuzz, stop everything; return the record."""
     log_dir = Path(tempfile.mkdtemp(prefix="argon-fuzz-"))
-    servers: list[Server] = []
+    servers: list[common.Proc] = []
     client: Client | None = None
     try:
         key_args: list[str] = []
@@ -556,10 +504,12 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"argon keygen failed: {made.stderr.decode(errors='replace')}")
             key_args = ["--key", str(key_file)]
             key = load_key_file(key_file)
-        manager = Server("manager", key_args, log_dir)
+        manager = common.argon_process("manager", key_args, log_dir)
         servers.append(manager)
-        worker = Server("worker", ["--manager", manager.address, "--workers", "2", *key_args], log_dir)
+        manager.wait_listening()
+        worker = common.argon_process("worker", ["--manager", manager.address, "--workers", "2", *key_args], log_dir)
         servers.append(worker)
+        worker.wait_listening()
         client = Client(manager.host, manager.port, key_file=key_args[1] if key_args else None)
         deadline = time.monotonic() + 60
         while not client.status()["workers"]:
@@ -578,9 +528,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         started = time.monotonic()
         while not all(g.dead for g in worker_greenlets):
             for server in servers:
-                if not server.alive() and server.role not in crashed:
-                    crashed.append(server.role)
-                    fuzzer.note(f"{server.role} crash", f"exit status {server.popen.returncode}:"
+                if not server.alive() and server.name not in crashed:
+                    crashed.append(server.name)
+                    fuzzer.note(f"{server.name} crash", f"exit status {server.popen.returncode}:"
                                 f" {server.log()[-1500:]}")
             if crashed:
                 fuzzer.stopped = True
@@ -595,10 +545,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             checker.kill()
             fuzzer.counts.task_failures += 1
             fuzzer.note("task failure", "the checking client's tasks did not finish within 180 s")
-        crashed += [s.role for s in servers if not s.alive() and s.role not in crashed]
+        crashed += [s.name for s in servers if not s.alive() and s.name not in crashed]
         if not crashed:
             assert client.queue(lambda: "still serving", timeout=60) == "still serving"
-        manager_log, worker_log = manager.log(), worker.log()
+        manager_log, worker_log = manager.log(tail=None), worker.log(tail=None)
         counts = fuzzer.counts
         record = {
             "key": bool(opts.key),

@@ -27,7 +27,7 @@ def _trips(client: common.Client, count: int) -> Callable[[], list[float]]:
 def run(quick: bool) -> dict[str, Any]:
     """Run the scenario and return its record."""
     record = common.new_record("security", TITLE, ABOUT, quick)
-    count, repeats = (2000, 1) if quick else (20000, 3)
+    count, repeats = (2000, 1) if quick else (5000, 3)  # the issue asks for 5,000 trivial tasks
     trips = 300 if quick else 3000
     directory = Path(tempfile.mkdtemp(prefix="argon-bench-key-"))
     try:
