@@ -44,7 +44,7 @@ from argon.protocol import (
     encode_parts,
     frame_parts,
 )
-from argon.security import Session, client_handshake, refuse, server_handshake
+from argon.security import MAC_BYTES, Session, client_handshake, refuse, server_handshake
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,21 @@ class Connection:
     # -- sending ----------------------------------------------------------------------
 
     def _frame(self, msg: Message) -> list[bytes]:
-        """The frame of ``msg``, as buffers (a large payload is one, uncopied)."""
+        """The frame of ``msg``, as buffers (a large payload is one, uncopied).
+
+        Raises:
+            MessageTooLarge: The peer announced a smaller frame limit (checked before
+                signing, so a refused message uses up no sequence number).
+        """
         parts = encode_parts(msg)
+        limit = self.hello.max_frame if self.hello is not None else 0
+        if limit:
+            size = sum(len(part) for part in parts) + (MAC_BYTES if self._signer else 0)
+            if size > limit:
+                raise MessageTooLarge(
+                    f"a {type(msg).__name__} of {size} bytes exceeds the {limit} byte"
+                    f" limit of {self.peer} (its --max-frame)"
+                )
         return frame_parts(parts, self._signer.sign(*parts) if self._signer else b"")
 
     def send(self, msg: Message) -> None:
@@ -131,12 +144,6 @@ class Connection:
             raise ConnectionLost(f"connection to {self.peer} is closed: {self.reason}")
         parts = self._frame(msg)
         size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
-        limit = self.hello.max_frame if self.hello is not None else 0
-        if limit and size - 4 > limit:
-            raise MessageTooLarge(
-                f"a {type(msg).__name__} of {size - 4} bytes exceeds the {limit} byte"
-                f" limit of {self.peer} (its --max-frame)"
-            )
         self._out += parts
         self._queued += size
         if self.guard and self._queued > defaults.OUTBOX_HIGH and self._resumed.is_set():

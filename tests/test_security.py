@@ -250,3 +250,18 @@ def test_oversized_task_fails_clearly_and_loses_nothing(net):
         client.queue(lambda: b"y" * 100_000)
     assert client.queue(len, [b"x" * 1000]) == 1000
     assert client.status()["clients"] == 1  # the connection survived both
+
+
+def test_an_oversized_task_on_a_keyed_link_leaves_the_link_working(net, key):
+    # A refused message must use up no MAC sequence number, or every later frame would fail.
+    manager = net.manager("--key", str(key), "--max-frame", "65536")
+    net.worker(manager, "--key", str(key), "--max-frame", "65536", processes=1)
+    client = net.client(manager, key_file=str(key))
+    net.wait_workers(client, 1)
+    with pytest.raises(MessageTooLarge):
+        client.queue(len, [b"x" * 100_000])
+    with pytest.raises(MessageTooLarge):
+        client.queue(lambda: b"y" * 100_000)  # refused by the worker, towards the manager
+    assert client.queue(len, [b"x" * 1000]) == 1000
+    assert client.status()["clients"] == 1
+    assert "failed authentication" not in manager.log()
