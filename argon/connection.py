@@ -12,6 +12,7 @@ messages costs one system call. The reader runs in whichever greenlet calls
 
 from __future__ import annotations
 
+import _socket as _csocket
 import contextlib
 import logging
 import socket as _stdsocket
@@ -422,6 +423,27 @@ def _unsent(buffers: list[bytes], sent: int) -> list[bytes]:
     return []
 
 
+def _dial(host: str, port: int) -> Any:
+    """Connect a gevent socket to ``host:port``.
+
+    A numeric address is resolved by the C library directly: gevent's resolver would start
+    a thread pool, and a process with threads should not fork (the pool forks to start
+    its processes). Names go through gevent's resolver, so they do not block the hub.
+    """
+    try:
+        infos = _csocket.getaddrinfo(host, port, 0, _stdsocket.SOCK_STREAM, 0, _stdsocket.AI_NUMERICHOST)
+    except _csocket.gaierror:
+        return gevent.socket.create_connection((host, port))
+    family, kind, proto, _, address = infos[0]
+    sock = gevent.socket.socket(family, kind, proto)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _tune(sock: Any) -> None:
     sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
     sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_KEEPALIVE, 1)
@@ -481,7 +503,7 @@ def connect(
     sock = None
     try:
         with gevent.Timeout(timeout, ConnectionLost(f"handshake with {server} timed out after {timeout}s")):
-            sock = gevent.socket.create_connection((host, port))
+            sock = _dial(host, port)
             _tune(sock)
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=host)
