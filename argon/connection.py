@@ -116,23 +116,24 @@ class Connection:
 
     # -- sending ----------------------------------------------------------------------
 
-    def _frame(self, msg: Message) -> list[bytes]:
-        """The frame of ``msg``, as buffers (a large payload is one, uncopied).
+    def _frame(self, msg: Message) -> tuple[list[bytes], int]:
+        """The frame of ``msg`` as buffers (a large payload is one, uncopied), and its size.
 
         Raises:
             MessageTooLarge: The peer announced a smaller frame limit (checked before
                 signing, so a refused message uses up no sequence number).
         """
         parts = encode_parts(msg)
+        body = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
+        mac_size = MAC_BYTES if self._signer else 0
         limit = self.hello.max_frame if self.hello is not None else 0
-        if limit:
-            size = sum(len(part) for part in parts) + (MAC_BYTES if self._signer else 0)
-            if size > limit:
-                raise MessageTooLarge(
-                    f"a {type(msg).__name__} of {size} bytes exceeds the {limit} byte"
-                    f" limit of {self.peer} (its --max-frame)"
-                )
-        return frame_parts(parts, self._signer.sign(*parts) if self._signer else b"")
+        if limit and body + mac_size > limit:
+            raise MessageTooLarge(
+                f"a {type(msg).__name__} of {body + mac_size} bytes exceeds the {limit} byte"
+                f" limit of {self.peer} (its --max-frame)"
+            )
+        mac = self._signer.sign(*parts) if self._signer else b""
+        return frame_parts(parts, mac, body), 4 + mac_size + body
 
     def send(self, msg: Message) -> None:
         """Queue a message; it goes out with everything else queued in this loop iteration.
@@ -143,8 +144,7 @@ class Connection:
         """
         if self.closed:
             raise ConnectionLost(f"connection to {self.peer} is closed: {self.reason}")
-        parts = self._frame(msg)
-        size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
+        parts, size = self._frame(msg)
         self._out += parts
         self._queued += size
         if self.guard and self._queued > defaults.OUTBOX_HIGH and self._resumed.is_set():
@@ -202,7 +202,7 @@ class Connection:
 
     def send_now(self, msg: Message) -> None:
         """Send one message from the calling greenlet (used before the writer runs)."""
-        for part in self._frame(msg):
+        for part in self._frame(msg)[0]:
             self.sock.sendall(part)
         self.last_send = time.monotonic()
 
@@ -321,7 +321,7 @@ class Connection:
             return
         self.last_recv = time.monotonic()
         try:
-            frames = self._checked(self._frames.filled(count) if space is not None else self._frames.feed(data))
+            frames = self._checked(self._frames.filled(count)) if space is not None else self._frames_of(data)
         except ProtocolError as exc:
             self._protocol_error(exc)
             return

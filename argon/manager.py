@@ -160,6 +160,8 @@ class Manager(Server):
 
     def __init__(self, config: ServerConfig | None = None) -> None:
         super().__init__(config or ServerConfig())
+        self.completed = 0
+        self.failed = 0
         self.redelivered = 0
         self._workers: dict[str, WorkerLink] = {}
         self._free = FreeSlots()

@@ -14,7 +14,6 @@ This is the only module that imports msgpack. Task code and arguments travel as 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, NamedTuple
 
 import msgpack
@@ -296,12 +295,14 @@ def frame(body: bytes, mac: bytes = b"") -> bytes:
     return HEADER.pack(len(mac) + len(body)) + mac + body
 
 
-def frame_parts(parts: list[bytes], mac: bytes = b"") -> list[bytes]:
-    """A frame made of the buffers of :func:`encode_parts`: the header joins the first one."""
-    if len(parts) == 1:
-        return [HEADER.pack(len(mac) + len(parts[0])) + mac + parts[0]]
-    size = len(mac) + sum(len(part) for part in parts)
-    return [HEADER.pack(size) + mac + parts[0], *parts[1:]]
+def frame_parts(parts: list[bytes], mac: bytes = b"", body_size: int | None = None) -> list[bytes]:
+    """A frame made of the buffers of :func:`encode_parts`: the header joins the first one.
+
+    ``body_size`` (the parts' total length) saves adding them up again when it is known.
+    """
+    if body_size is None:
+        body_size = sum(len(part) for part in parts)
+    return [HEADER.pack(len(mac) + body_size) + mac + parts[0], *parts[1:]]
 
 
 class FrameBuffer:
@@ -406,9 +407,3 @@ def read_frame(stream: BinaryIO, max_frame: int) -> bytes | None:
     if len(body) < size:
         raise ProtocolError("stream ended inside a frame")
     return body
-
-
-def iter_frames(read: Callable[[], bytes | None]) -> Iterator[bytes]:
-    """Yield frames from ``read`` until it returns None."""
-    while (body := read()) is not None:
-        yield body

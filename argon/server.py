@@ -78,13 +78,14 @@ class Server:
     """
 
     role = "server"
+    #: Tasks that returned a value, and tasks that failed (kept by each subclass).
+    completed: int
+    failed: int
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.started = time.time()
         self.address: tuple[str, int] = (config.host, config.port)
-        self.completed = 0
-        self.failed = 0
         self.rejected = 0
         self.stopping = False
         self._connections: set[Connection] = set()

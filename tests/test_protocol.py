@@ -33,7 +33,6 @@ from argon.protocol import (
     decode,
     encode,
     frame,
-    iter_frames,
     read_frame,
 )
 
@@ -359,9 +358,9 @@ def test_read_frame_refuses_an_oversized_frame_before_reading_its_body():
     assert stream.asked == 4
 
 
-def test_iter_frames_yields_until_the_end_of_stream():
+def test_read_frame_reads_every_frame_until_the_end_of_stream():
     stream = io.BytesIO(b"".join(frame(body) for body in BODIES))
-    assert list(iter_frames(lambda: read_frame(stream, 4096))) == BODIES
+    assert list(iter(lambda: read_frame(stream, 4096), None)) == BODIES
 
 
 # -- property-based -----------------------------------------------------------------------------
@@ -450,7 +449,7 @@ def test_property_chopped_frame_streams_reassemble_exactly(bodies, cuts, mac):
 @given(st.lists(st.binary(max_size=300), max_size=12))
 def test_property_read_frame_reads_back_every_frame(bodies):
     stream = io.BytesIO(b"".join(frame(body) for body in bodies))
-    assert list(iter_frames(lambda: read_frame(stream, 300))) == bodies
+    assert list(iter(lambda: read_frame(stream, 300), None)) == bodies
 
 
 _HUGE_HEADERS = {
