@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gevent
 import gevent.subprocess
@@ -40,6 +40,7 @@ from argon import Client
 REPO = Path(__file__).resolve().parents[1]
 ARGON = REPO / "bin" / "argon"
 RESULTS = REPO / "bench" / "results"
+T = TypeVar("T")
 HOST = "127.0.0.1"
 RUN = uuid.uuid4().hex  # every stack's token starts with this run's id
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
@@ -71,6 +72,20 @@ def argon_process(role: str, args: Sequence[str], log_dir: Path, name: str | Non
     """Start ``bin/argon ROLE ARGS`` on 127.0.0.1 (port 0, verbose); call ``wait_listening``."""
     cmd = [sys.executable, str(ARGON), role, "--host", HOST, "--port", "0", "--verbose", *args]
     return Proc(name or role, cmd, log_dir, child_env())
+
+
+def interruptible(run: Callable[[], T]) -> T | None:
+    """Call ``run()`` so that SIGTERM ends it like Ctrl-C; None if it was interrupted.
+
+    Either way the ``finally`` blocks inside ``run`` have killed every process it started.
+    """
+    main = gevent.getcurrent()
+    gevent.signal_handler(signal.SIGTERM, lambda: gevent.get_hub().loop.run_callback(main.throw, SystemExit(143)))
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("interrupted; every process started was killed", file=sys.stderr)
+        return None
 
 
 def free_port() -> int:

@@ -43,7 +43,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import struct
 import sys
@@ -623,13 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if opts.seed is None:
         opts.seed = random.randrange(1 << 32)
-    main_greenlet = gevent.getcurrent()
-    gevent.signal_handler(signal.SIGTERM, lambda: gevent.get_hub().loop.run_callback(main_greenlet.throw,
-                                                                                      SystemExit(143)))
-    try:
-        record = run(opts)
-    except KeyboardInterrupt:
-        print("interrupted; every process started was killed", file=sys.stderr)
+    record = common.interruptible(lambda: run(opts))
+    if record is None:
         return 130
     print(summary(record))
     if opts.json is not None:
