@@ -29,7 +29,7 @@ import gevent.ssl
 
 from argon import defaults
 from argon._version import __version__
-from argon.errors import AuthenticationError, ConnectionLost, MessageTooLarge, ProtocolError
+from argon.errors import TASK_ERRORS, ArgonError, AuthenticationError, ConnectionLost, MessageTooLarge, ProtocolError
 from argon.protocol import (
     BIG,
     VERSION,
@@ -353,7 +353,14 @@ class Connection:
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.warning("closing connection from %s: protocol error: %s", self.peer, exc)
-        self.close(f"protocol error: {exc}")
+        reason = f"protocol error: {exc}"
+        if self._raw is not None and not self.closed and not self._writing:
+            # Tell the peer why, if the socket takes it at once (this may run in the hub,
+            # so nothing here may wait); it then fails with a ProtocolError naming it.
+            with contextlib.suppress(ArgonError):
+                self.send(Bye(reason, ProtocolError.__name__))
+                self._flush()
+        self.close(reason)
 
     def _heartbeat(self) -> None:
         """Timer callback (in the hub): ping an idle link; close one whose peer went silent."""
@@ -452,16 +459,35 @@ def _tune(sock: Any) -> None:
             sock.setsockopt(_stdsocket.IPPROTO_TCP, getattr(_stdsocket, name), value)
 
 
+PYTHON = ".".join(map(str, sys.version_info[:3]))
+
+
 def _hello(role: str, name: str, heartbeat: float, max_frame: int) -> Hello:
-    version = ".".join(map(str, sys.version_info[:3]))
-    return Hello(VERSION, role, name, __version__, version, SERIALIZER, heartbeat, max_frame)
+    return Hello(VERSION, role, name, __version__, PYTHON, SERIALIZER, heartbeat, max_frame)
 
 
 def _check_hello(msg: Message, peer: str) -> Hello:
+    """``msg`` if it is a hello this side can work with.
+
+    Raises:
+        ProtocolError: It is not a hello, or names another protocol version or another
+            Python major.minor (pickled tasks, results and exceptions do not cross Python
+            versions reliably), or an unusable frame limit. The message names both sides'
+            versions.
+    """
     if type(msg) is not Hello:
         raise ProtocolError(f"{peer} sent {type(msg).__name__} before hello")
     if msg.version != VERSION:
-        raise ProtocolError(f"{peer} speaks protocol version {msg.version}; this side speaks {VERSION}")
+        raise ProtocolError(
+            f"{peer} speaks protocol version {msg.version} (Argon {msg.argon or '?'});"
+            f" this side speaks {VERSION} (Argon {__version__})"
+        )
+    # An empty field means "not announced" (a raw tool's hello); anything else must match.
+    if msg.python and msg.python.split(".")[:2] != PYTHON.split(".")[:2]:
+        raise ProtocolError(
+            f"{peer} runs Python {msg.python[:20]}; this side runs Python {PYTHON}: every peer"
+            " must run the same Python major.minor version"
+        )
     if 0 < msg.max_frame < defaults.MIN_FRAME:
         raise ProtocolError(
             f"{peer} announces a frame limit of {msg.max_frame} bytes; at least {defaults.MIN_FRAME} is needed"
@@ -496,8 +522,11 @@ def connect(
 
     Raises:
         ConnectionLost: The server could not be reached or hung up during the handshake.
+        ServerBusy: The server is full (``--max-connections``); try again later.
+        ShuttingDown: The server is stopping.
         AuthenticationError: See :func:`argon.security.client_handshake`.
-        ProtocolError: The server is not a compatible Argon peer.
+        ProtocolError: The server is not a compatible Argon peer (another protocol or
+            Python version: the message names both).
     """
     server = f"{host}:{port}"
     sock = None
@@ -512,12 +541,17 @@ def connect(
             conn.send_now(_hello(role, name, heartbeat, max_frame))
             reply = conn.recv_message()
             if isinstance(reply, Bye):
-                raise ProtocolError(f"{server} refused the connection: {reply.reason}")
+                kind = TASK_ERRORS.get(reply.error)
+                if kind is None or not issubclass(kind, (ProtocolError, ConnectionLost)):
+                    kind = ProtocolError
+                raise kind(f"{server} refused the connection: {reply.reason}")
             conn.hello = _check_hello(reply, server)
             return conn
     except OSError as exc:
         if sock is not None:
             sock.close()
+        if isinstance(exc, ArgonError):  # ConnectionLost and its kind are OSErrors too
+            raise
         raise ConnectionLost(f"cannot connect to {server}: {exc.strerror or exc}") from None
     except BaseException:
         if sock is not None:
@@ -555,8 +589,8 @@ def accept(
         max_items: Most elements in any array or map of a message from the peer.
 
     Raises:
-        ArgonError: The peer failed the handshake (the caller logs it and closes ``sock``);
-            a peer that hung up gives :class:`ConnectionLost`.
+        ArgonError: The peer failed the handshake (the caller logs it; ``sock`` is
+            closed); a peer that hung up gives :class:`ConnectionLost`.
     """
     peer = f"{address[0]}:{address[1]}"
     try:
@@ -579,9 +613,15 @@ def accept(
                 conn.hello = _check_hello(conn.recv_message(), peer)
             except ProtocolError as exc:
                 with contextlib.suppress(OSError):
-                    conn.send_now(Bye(str(exc)))  # say why, so the peer's error can too
+                    conn.send_now(Bye(str(exc), ProtocolError.__name__))  # say why, so the peer's error can too
                 raise
             conn.send_now(_hello(role, name, heartbeat, max_frame))
             return conn
-    except OSError as exc:
-        raise ConnectionLost(f"{peer} dropped during the handshake: {exc}") from None
+    except BaseException as exc:
+        # Also when this greenlet is killed (a server sheds an unfinished handshake): the
+        # descriptor must go at once, and a TLS wrapper owns it instead of ``sock``.
+        with contextlib.suppress(OSError):
+            sock.close()
+        if isinstance(exc, OSError):
+            raise ConnectionLost(f"{peer} dropped during the handshake: {exc}") from None
+        raise

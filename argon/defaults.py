@@ -80,6 +80,13 @@ MIN_FRAME = 1024
 MAX_CONNECTIONS = 1024
 """Connections a server holds open at once; further ones are closed at accept."""
 
+ACCEPT_SLACK = 16
+"""Connections a full server still accepts at once, to shed its oldest unfinished handshakes
+(or tell the newcomers it is refusing them): descriptors stay below ``max_connections`` plus this."""
+
+LOG_INTERVAL = 10.0
+"""Seconds between two log lines about the same repeated event (shed or refused connections)."""
+
 CLIENT_HEARTBEAT_MISSES = 10
 """Heartbeats a client lets its server miss before reconnecting (lenient: a busy client
 program may starve its own event loop)."""

@@ -23,6 +23,22 @@ class ConnectionLost(ArgonError, ConnectionError):
     """The connection to a peer went away and could not be restored in time."""
 
 
+class ServerBusy(ConnectionLost):
+    """A server refused the connection because it holds its ``--max-connections`` already.
+
+    Not an authentication failure: the same peer is admitted once there is room, so a
+    client retries it like any lost connection.
+    """
+
+
+class ShuttingDown(ConnectionLost):
+    """A server refused the connection, or a request, because it is stopping."""
+
+
+class NoWorkers(ArgonError):
+    """No worker has been registered with the manager for ``--worker-wait`` seconds."""
+
+
 class TaskRejected(ArgonError):
     """The server's queue was full; raised once the client has used up its retries."""
 
@@ -78,6 +94,9 @@ TASK_ERRORS: dict[str, type[ArgonError]] = {
         ProcessDied,
         WorkerLost,
         ConnectionLost,
+        ServerBusy,
+        ShuttingDown,
+        NoWorkers,
         ProtocolError,
         MessageTooLarge,
         RemoteError,

@@ -168,9 +168,18 @@ class Cancel(NamedTuple):
 
 
 class Bye(NamedTuple):
-    """The sender is going away (draining or shutting down); ``reason`` says why."""
+    """The sender is going away, or closing this link; ``reason`` says why.
+
+    Attributes:
+        reason: Why, for people.
+        error: The name of the :mod:`argon.errors` class the receiver should raise for
+            what it still waits for on this link: ``ShuttingDown`` from a stopping
+            server, ``ProtocolError`` when the sender closes the link over bad input
+            (empty: just leaving).
+    """
 
     reason: str = ""
+    error: str = ""
 
 
 Message = Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequest | StatusReply | Stats | Cancel | Bye
@@ -188,7 +197,7 @@ _SPEC: dict[type, tuple[int, tuple[frozenset[Any], ...]]] = {
     StatusReply: (9, (_INT, _DICT)),
     Stats: (10, (_DICT,)),
     Cancel: (11, (_INT,)),
-    Bye: (12, (_STR,)),
+    Bye: (12, (_STR, _STR)),
 }
 _KIND = {cls: kind for cls, (kind, _) in _SPEC.items()}
 _BY_KIND: dict[int, tuple[type, tuple[frozenset[Any], ...], int]] = {

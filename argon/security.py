@@ -4,6 +4,8 @@ Handshake (all lines end with ``\\n``; the server speaks first)::
 
     server: ARGON 1 open                        no key: go straight to the hello frames
     server: ARGON 1 refused <why>               this peer is not allowed; then close
+    server: ARGON 1 refused busy: <why>         full (--max-connections); then close
+    server: ARGON 1 refused shutting-down: <why>  the server is stopping; then close
     server: ARGON 1 hmac-sha256 <Ns hex>        a key is required
     client: ARGON 1 proof <Nc hex> <Pc hex>     Pc = HMAC(K, "argon-client" Ns Nc)
         or: ARGON 1 nokey                       the client holds no key; then close
@@ -33,7 +35,7 @@ from typing import Protocol
 
 import gevent.ssl
 
-from argon.errors import AuthenticationError, ProtocolError
+from argon.errors import AuthenticationError, ProtocolError, ServerBusy, ShuttingDown
 from argon.protocol import BIG, Buffer
 
 KEY_BYTES = 32
@@ -42,6 +44,12 @@ NONCE_BYTES = 32
 GREETING = b"ARGON 1 "
 MAX_LINE = 512
 _SEQ = struct.Struct("!Q")
+
+#: Refusal codes: ``ARGON 1 refused <code>: <why>`` raises the matching error on the client,
+#: which then knows the refusal is not about its key (a plain refusal is).
+BUSY = "busy"
+SHUTTING_DOWN = "shutting-down"
+_REFUSALS: dict[str, type[Exception]] = {BUSY: ServerBusy, SHUTTING_DOWN: ShuttingDown}
 
 
 class Stream(Protocol):
@@ -259,9 +267,25 @@ def _send_line(sock: Stream, text: str) -> None:
     sock.sendall(GREETING + text.encode() + b"\n")
 
 
-def refuse(sock: Stream, why: str) -> None:
-    """Tell a peer, in one line, why it is being disconnected."""
-    _send_line(sock, "refused " + " ".join(why.split()))
+def refuse(sock: Stream, why: str, code: str = "") -> None:
+    """Tell a peer, in one line, why it is being disconnected.
+
+    Args:
+        sock: The peer's socket.
+        why: The reason, for people.
+        code: :data:`BUSY` or :data:`SHUTTING_DOWN` when the refusal is not about the
+            peer's credentials (its client then raises ``ServerBusy`` or ``ShuttingDown``
+            instead of ``AuthenticationError``).
+    """
+    _send_line(sock, "refused " + (f"{code}: " if code else "") + " ".join(why.split()))
+
+
+def _refused(server: str, line: bytes, what: str = "the connection") -> Exception:
+    """The error a ``refused ...`` line from ``server`` means."""
+    text = line[8:].decode(errors="replace")
+    code, sep, _ = text.partition(": ")
+    kind = _REFUSALS.get(code, AuthenticationError) if sep else AuthenticationError
+    return kind(f"{server} refused {what}: {text}")
 
 
 def server_handshake(sock: Stream, key: bytes | None) -> Session:
@@ -300,11 +324,13 @@ def client_handshake(sock: Stream, key: bytes | None, server: str) -> Session:
     Raises:
         AuthenticationError: The server refused us, lacks a key we hold, requires one we
             lack, or could not prove it holds ours.
+        ServerBusy: The server is full (``--max-connections``); try again later.
+        ShuttingDown: The server is stopping.
         ProtocolError: The server is not speaking the Argon handshake.
     """
     line, rest = _read_line(sock)
     if line.startswith(b"refused"):
-        raise AuthenticationError(f"{server} refused the connection: {line[8:].decode(errors='replace')}")
+        raise _refused(server, line)
     if line == b"open":
         if key is not None:
             raise AuthenticationError(
@@ -325,7 +351,7 @@ def client_handshake(sock: Stream, key: bytes | None, server: str) -> Session:
     _send_line(sock, f"proof {nc.hex()} {_proof(key, b'argon-client', ns, nc).hex()}")
     line, rest = _read_line(sock, rest)
     if line.startswith(b"refused"):
-        raise AuthenticationError(f"{server} refused this side's key: {line[8:].decode(errors='replace')}")
+        raise _refused(server, line, "this side's key")
     words = line.split()
     try:
         proof = bytes.fromhex(words[1].decode()) if words[0] == b"ok" and len(words) == 2 else b""

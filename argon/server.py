@@ -24,9 +24,9 @@ from gevent.server import StreamServer
 from argon import defaults
 from argon._version import __version__
 from argon.connection import Connection, accept
-from argon.errors import ArgonError, ConnectionLost, ProtocolError
+from argon.errors import ArgonError, ConnectionLost, ProtocolError, ShuttingDown
 from argon.protocol import Bye, Cancel, Failure, Message, Result, StatusReply, StatusRequest, Task
-from argon.security import is_loopback, refuse
+from argon.security import BUSY, SHUTTING_DOWN, is_loopback, refuse
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,31 @@ class ServerConfig:
     handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
     max_items: int = defaults.MAX_ITEMS
     tls: ssl.SSLContext | None = None
+
+
+class RateLimitedLog:
+    """Logs a repeated warning at most once per ``interval`` seconds, with a count of the rest.
+
+    A flood of connections must not become a flood of log lines.
+    """
+
+    def __init__(self, interval: float = defaults.LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: Any, now: float | None = None) -> bool:
+        """Log ``message % args`` unless one was logged less than ``interval`` ago; True if logged."""
+        now = time.monotonic() if now is None else now
+        if now < self._next:
+            self._suppressed += 1
+            return False
+        if self._suppressed:
+            message += " (and %d more like it in the last %.0fs)"
+            args = (*args, self._suppressed, self.interval)
+        log.warning(message, *args)
+        self._next, self._suppressed = now + self.interval, 0
+        return True
 
 
 class Histogram(Protocol):
@@ -89,6 +114,11 @@ class Server:
         self.rejected = 0
         self.stopping = False
         self._connections: set[Connection] = set()
+        # Connections still in their handshake, oldest first: they count against
+        # max_connections, and the oldest is shed when a new one needs its slot.
+        self._handshaking: dict[gevent.Greenlet, tuple[str, Any]] = {}
+        self._shed_log = RateLimitedLog()
+        self._refused_log = RateLimitedLog()
         self._server: StreamServer | None = None
         self._sampler: gevent.Greenlet | None = None
         self._samples: deque[tuple[float, int]] = deque(maxlen=6)
@@ -109,7 +139,11 @@ class Server:
                 " create a key with 'argon keygen FILE' and pass --key FILE",
                 config.host,
             )
-        self._server = StreamServer((config.host, config.port), self._accept)
+        # A bounded pool of connection greenlets stops accepting when it is full, so a flood
+        # can never hold more descriptors than this (the slack lets newcomers in to shed
+        # the oldest unfinished handshakes, or to hear why they are refused).
+        slots = config.max_connections + defaults.ACCEPT_SLACK
+        self._server = StreamServer((config.host, config.port), self._accept, spawn=slots)
         self._server.start()
         self.address = self._server.address[:2]
         self._sampler = gevent.spawn(self._sample_rate)
@@ -143,14 +177,20 @@ class Server:
     def _accept(self, sock: Any, address: tuple[Any, ...]) -> None:
         peer = f"{address[0]}:{address[1]}"
         config = self.config
-        if self.stopping or len(self._connections) >= config.max_connections:
-            why = "server is shutting down" if self.stopping else f"too many connections ({config.max_connections})"
-            log.warning("refusing %s: %s", peer, why)
+        if self.stopping or not self._make_room():
+            code, why = (
+                (SHUTTING_DOWN, f"{self.role} {self.name} is shutting down")
+                if self.stopping
+                else (BUSY, f"too many connections ({config.max_connections}); try again later")
+            )
+            self._refused_log.warning("refusing %s: %s", peer, why)
             with contextlib.suppress(OSError):
-                refuse(sock, why)
+                refuse(sock, why, code)
             sock.close()
             return
         allowed = config.key is not None or config.insecure or is_loopback(address[0])
+        me = gevent.getcurrent()
+        self._handshaking[me] = (peer, sock)
         try:
             conn = accept(
                 sock,
@@ -166,8 +206,12 @@ class Server:
                 max_items=config.max_items,
             )
         except (ArgonError, OSError) as exc:
-            log.warning("handshake with %s failed: %s", peer, exc)
+            if self._handshaking.pop(me, None) is not None:  # a shed one was logged already
+                log.warning("handshake with %s failed: %s", peer, exc)
             sock.close()
+            return
+        if self._handshaking.pop(me, None) is None:
+            conn.close("shed")  # shed just as it finished; returning at once beats the pending kill
             return
         self._connections.add(conn)
         try:
@@ -175,6 +219,28 @@ class Server:
         finally:
             self._connections.discard(conn)
             conn.close()
+
+    def _make_room(self) -> bool:
+        """Whether a new connection may start its handshake, shedding the oldest unfinished one if need be.
+
+        A flood of idle sockets then costs real peers nothing but a retry: the slots it
+        holds are taken back, oldest first, and descriptors stay within the limit.
+        """
+        if len(self._connections) + len(self._handshaking) < self.config.max_connections:
+            return True
+        if not self._handshaking:
+            return False  # every slot holds an admitted peer
+        oldest = next(iter(self._handshaking))
+        peer, sock = self._handshaking.pop(oldest)
+        with contextlib.suppress(OSError):
+            sock.close()  # its descriptor goes now (behind TLS, when the kill lands)
+        oldest.kill(block=False)
+        self._shed_log.warning(
+            "at --max-connections %d: shed %s, the oldest connection still in its handshake",
+            self.config.max_connections,
+            peer,
+        )
+        return True
 
     def handle(self, conn: Connection) -> None:
         """Serve one admitted connection until it closes."""
@@ -253,7 +319,7 @@ class Server:
             self._server.close()
         for conn in list(self._connections):
             with contextlib.suppress(ConnectionLost):
-                conn.send(Bye(reason))
+                conn.send(Bye(reason, ShuttingDown.__name__))
 
     def close_connections(self, timeout: float = 2.0) -> None:
         """Flush what is queued to every peer (within ``timeout``), then close them all."""

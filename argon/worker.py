@@ -30,7 +30,7 @@ import psutil
 
 from argon import defaults
 from argon.connection import Connection, connect
-from argon.errors import ArgonError, ConnectionLost
+from argon.errors import ArgonError, ConnectionLost, ProtocolError
 from argon.pool import Job, Pool, Reply
 from argon.protocol import Bye, Failure, Message, Ready, Register, Stats, StatusReply, StatusRequest, Task
 from argon.server import ClientLink, Server, ServerConfig
@@ -195,7 +195,10 @@ class Worker(Server):
         elif isinstance(msg, StatusRequest):
             conn.send(StatusReply(msg.id, self.status()))
         elif isinstance(msg, Bye):
-            log.info("manager %s says: %s", conn.peer, msg.reason)
+            if msg.error == ProtocolError.__name__:
+                log.error("manager %s closed the link: %s", conn.peer, msg.reason)
+            else:
+                log.info("manager %s says: %s", conn.peer, msg.reason)
         else:
             log.warning("ignoring unexpected %s from manager %s", type(msg).__name__, conn.peer)
 

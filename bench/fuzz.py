@@ -3,6 +3,7 @@
 Usage:
   python bench/fuzz.py [--frames N] [--key] [--seed N] [--connections N] [--max-seconds S]
                        [--keep-logs] [--json FILE]
+  python bench/fuzz.py --flood N [--max-connections M] [--key] [--keep-logs] [--json FILE]
 
 Not a unit test: a soak of the promise that malformed, oversized or unauthenticated input
 closes that one connection with a logged reason while the server and every other
@@ -30,6 +31,16 @@ closed by the server, server crashes (manager or worker exited), client task fai
 hung connections, error tracebacks in the servers' logs, and the manager's RSS before
 and after. It exits 1 if any of crashes, task failures, hung connections or tracebacks
 is not zero. Traffic goes to 127.0.0.1 only; the fuzzing stops after ``--max-seconds``.
+
+``--flood N`` measures a connection flood instead: a manager started with
+``--max-connections M`` (default 64) and one worker, then ``N`` idle sockets opened as fast
+as this process can and held open (they read nothing and send nothing). While they are
+held, and again while a second flood of ``N`` more sockets is being opened, real clients
+connect (retrying on ``ConnectionLost``) and run one task each. It prints the sockets
+opened, the manager's file descriptors (psutil ``num_fds``, sampled every 10 ms) before and
+at peak, and how long each real client took from its first attempt to its task's result.
+It exits 1 if a client was not served within 10 s or the descriptors exceeded
+``M`` + ``ACCEPT_SLACK`` + 32 over the baseline.
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ import gevent.event
 import gevent.socket
 import gevent.subprocess
 import msgpack
+import psutil
 
 from argon import ArgonError, Client, defaults
 from argon.errors import ProtocolError
@@ -579,6 +591,110 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(log_dir, ignore_errors=True)
 
 
+# -- connection flood ----------------------------------------------------------------------------
+
+
+def _served(host: str, port: int, key_file: str | None, limit: float = 10.0) -> float | None:
+    """Seconds a real client took to connect (retrying) and get one task's result; None past ``limit``."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        try:
+            with Client(host, port, key_file=key_file, retries=0, connect_timeout=limit) as client:
+                assert client.queue(lambda: "served", timeout=limit) == "served"
+            return time.monotonic() - started
+        except ArgonError:  # shed in its handshake, or refused: a real client retries
+            gevent.sleep(0.01)
+    return None
+
+
+def flood(opts: argparse.Namespace) -> dict[str, Any]:
+    """Hold ``opts.flood`` idle sockets against a manager; time real clients; watch descriptors."""
+    log_dir = Path(tempfile.mkdtemp(prefix="argon-flood-"))
+    servers: list[common.Proc] = []
+    held: list[socket.socket] = []
+    try:
+        key_args = ["--key", common.keygen(log_dir)] if opts.key else []
+        key_file = key_args[1] if key_args else None
+        manager = common.argon_process("manager", ["--max-connections", str(opts.max_connections), *key_args],
+                                       log_dir)
+        servers.append(manager)
+        manager.wait_listening()
+        worker = common.argon_process("worker", ["--manager", manager.address, "--workers", "1", *key_args], log_dir)
+        servers.append(worker)
+        worker.wait_listening()
+        assert _served(manager.host, manager.port, key_file, 60) is not None, "no client served before the flood"
+        server = psutil.Process(manager.pid)
+        baseline = server.num_fds()
+        peak = [baseline]
+
+        def sample() -> None:
+            while True:
+                with contextlib.suppress(psutil.Error):
+                    peak.append(server.num_fds())
+                gevent.sleep(0.01)
+
+        sampler = gevent.spawn(sample)
+
+        def open_idle(count: int) -> float:
+            started = time.monotonic()
+            for _ in range(count):  # bounded by count
+                held.append(gevent.socket.create_connection((manager.host, manager.port), timeout=IO_TIMEOUT))
+            return time.monotonic() - started
+
+        opening = open_idle(opts.flood)
+        while_held = [_served(manager.host, manager.port, key_file) for _ in range(5)]
+        flooder = gevent.spawn(open_idle, opts.flood)
+        while_flooding = []
+        while not flooder.dead and len(while_flooding) < 20:  # bounded: at most 20 clients
+            while_flooding.append(_served(manager.host, manager.port, key_file))
+        flooder.join(timeout=60)
+        sampler.kill()
+        log = manager.log(tail=None)
+        times = [t for t in while_held + while_flooding if t is not None]
+        return {
+            "key": bool(opts.key),
+            "max_connections": opts.max_connections,
+            "sockets_opened": len(held),
+            "seconds_to_open_first_flood": round(opening, 2),
+            "fds_baseline": baseline,
+            "fds_peak": max(peak),
+            "fds_bound": baseline + opts.max_connections + defaults.ACCEPT_SLACK + 32,
+            "served_while_held_s": [None if t is None else round(t, 3) for t in while_held],
+            "served_while_flooding_s": [None if t is None else round(t, 3) for t in while_flooding],
+            "served_max_s": round(max(times), 3) if times else None,
+            "not_served": sum(t is None for t in while_held + while_flooding),
+            "shed_log_lines": log.count("oldest connection still in its handshake"),
+            "manager_alive": manager.alive(),
+        }
+    finally:
+        for sock in held:
+            sock.close()
+        for proc in servers:
+            proc.kill()
+        if not opts.keep_logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def flood_summary(record: dict[str, Any]) -> str:
+    """The flood figures as a small table."""
+    rows = [
+        ("key", "yes" if record["key"] else "no"),
+        ("manager --max-connections", record["max_connections"]),
+        ("idle sockets opened", f"{record['sockets_opened']:,} (first {record['sockets_opened'] // 2:,} in"
+                                f" {record['seconds_to_open_first_flood']} s)"),
+        ("manager fds before / at peak", f"{record['fds_baseline']} / {record['fds_peak']}"
+                                         f" (bound {record['fds_bound']})"),
+        ("real client served, flood held (s)", record["served_while_held_s"]),
+        ("real client served, while flooding (s)", record["served_while_flooding_s"]),
+        ("slowest real client (s)", record["served_max_s"]),
+        ("clients not served within 10 s", record["not_served"]),
+        ("shedding log lines", record["shed_log_lines"]),
+        ("manager still running", record["manager_alive"]),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
 def summary(record: dict[str, Any]) -> str:
     mib = 1 << 20
     rows = [
@@ -619,7 +735,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=300.0, help="hard cap on the fuzzing (default 300)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    parser.add_argument("--flood", type=int, default=0, metavar="N",
+                        help="measure a flood of N idle sockets instead of fuzzing")
+    parser.add_argument("--max-connections", type=int, default=64, help="the manager's limit in --flood (default 64)")
     opts = parser.parse_args(argv)
+    if opts.flood:
+        result = common.interruptible(lambda: flood(opts))
+        if result is None:
+            return 130
+        print(flood_summary(result))
+        if opts.json is not None:
+            opts.json.write_text(json.dumps(result, indent=2) + "\n")
+        bad = result["not_served"] or result["fds_peak"] > result["fds_bound"] or not result["manager_alive"]
+        return 1 if bad else 0
     if opts.seed is None:
         opts.seed = random.randrange(1 << 32)
     record = common.interruptible(lambda: run(opts))

@@ -15,7 +15,7 @@ import gevent.socket
 import msgpack
 import pytest
 
-from argon import AuthenticationError, Client, MessageTooLarge, ProtocolError
+from argon import AuthenticationError, Client, ConnectionLost, MessageTooLarge, ProtocolError, ServerBusy
 from argon.protocol import Hello, StatusReply, StatusRequest, decode, encode, frame
 from argon.security import MAC_BYTES, client_handshake, load_key_file
 
@@ -210,8 +210,9 @@ def test_connection_cap_refuses_extra_peers_with_a_reason(net):
     manager = net.manager("--max-connections", "2")
     first = net.client(manager)
     second = net.client(manager)
-    with pytest.raises(AuthenticationError, match="too many connections"):
+    with pytest.raises(ServerBusy, match="too many connections") as refused:
         Client(manager.host, manager.port)
+    assert isinstance(refused.value, ConnectionLost) and not isinstance(refused.value, AuthenticationError)
     assert first.status()["clients"] == 2
     second.close()
     wait_for(lambda: first.status()["clients"] == 1, what="the second client to leave")
