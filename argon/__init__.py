@@ -8,7 +8,8 @@ Python processes, and results (or the tasks' exceptions) come back to the client
     with Client("127.0.0.1", 8000) as client:
         assert client.queue(lambda x, y: x + y, [4, 7]) == 11
 
-:class:`Client`, :class:`Deferred` and :class:`LocalCluster` are loaded on first use, so
+:class:`Client`, :class:`Deferred`, :class:`Executor`, :class:`Pool` and
+:class:`LocalCluster` are loaded on first use, so
 that ``import argon.manager`` (what a manager process runs) never loads the serializer:
 a manager only forwards task payloads, it never unpickles them.
 """
@@ -37,10 +38,19 @@ from argon.errors import (
 )
 
 if TYPE_CHECKING:
-    from argon.client import Client, Deferred
+    from argon.client import Client
+    from argon.deferred import Deferred
+    from argon.executor import Executor
     from argon.local import LocalCluster
+    from argon.mppool import Pool
 
-_LAZY = {"Client": "argon.client", "Deferred": "argon.client", "LocalCluster": "argon.local"}
+_LAZY = {
+    "Client": "argon.client",
+    "Deferred": "argon.deferred",
+    "Executor": "argon.executor",
+    "LocalCluster": "argon.local",
+    "Pool": "argon.mppool",
+}
 
 __all__ = [
     "ArgonError",
@@ -48,9 +58,11 @@ __all__ = [
     "Client",
     "ConnectionLost",
     "Deferred",
+    "Executor",
     "LocalCluster",
     "MessageTooLarge",
     "NoWorkers",
+    "Pool",
     "ProcessDied",
     "ProtocolError",
     "RemoteError",
@@ -65,7 +77,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Load :class:`Client`, :class:`Deferred` and :class:`LocalCluster` on first use."""
+    """Load the client-side classes on first use (see the module docstring)."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'argon' has no attribute {name!r}")

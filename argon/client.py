@@ -1,35 +1,52 @@
-"""The client: send callables to a manager (or a stand-alone worker) and get results back.
+"""The client: send callables to managers (or a stand-alone worker) and get results back.
 
-One :class:`Client` holds one connection, shared by every greenlet that uses it; any
-number of tasks may be in flight on it. Waiting for a result blocks only the calling
-greenlet. The client works with or without ``gevent.monkey.patch_all()``; without it,
-use it from one thread.
+One :class:`Client` may be shared by OS threads, greenlets and asyncio tasks at once. Its
+network I/O runs on one gevent loop, the *network loop*:
 
-If the connection drops, the client reconnects on its own and re-sends every task that
-had no answer yet (it keeps their payloads); tasks that cannot be re-sent within
-``reconnect_deadline`` seconds fail with :class:`~argon.errors.ConnectionLost`.
-A rejected task (the server's queue was full) is re-sent after a growing, jittered
-delay, up to ``retries`` times, then fails with :class:`~argon.errors.TaskRejected`.
+- In a program that is not monkey-patched (the usual case), the network loop is a gevent
+  hub in a daemon thread of its own. ``defer()`` serializes the task in the caller's
+  thread and hands it to that loop at once, so the task is on its way while the caller
+  goes on computing; callers wait on :class:`~argon.deferred.Deferred` futures.
+- In a program that called ``gevent.monkey.patch_all()``, every "thread" is a greenlet
+  and the network loop is the caller's own hub, as in any gevent program (no thread hop;
+  a task goes out when the caller next yields).
+
+Either way a blocking call blocks only its caller: a plain thread waits on a lock, a
+greenlet waits on its own hub (the others go on), a coroutine awaits.
+
+The client may talk to several managers (``Client("h1:8000,h2:8000")``): each task goes to
+the live one holding the fewest of this client's tasks. If a connection drops, its
+unanswered tasks are sent again through another live one, or through the same one once it
+is back (the client reconnects on its own); tasks that cannot be re-sent within
+``reconnect_deadline`` seconds fail with :class:`~argon.errors.ConnectionLost`. Delivery
+is at least once: a late answer to a task already answered is dropped (and counted in
+:attr:`Client.duplicates`). A rejected task (the server's queue was full) is re-sent
+after a growing, jittered delay, up to ``retries`` times, then fails with
+:class:`~argon.errors.TaskRejected`.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import itertools
 import logging
 import os
 import random
 import ssl
+import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sized
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from typing import TYPE_CHECKING, Any
 
 import gevent
-import gevent.event
-import gevent.queue
+import gevent.monkey
+from gevent.hub import Waiter
 
 from argon import defaults
 from argon.connection import Connection, connect
+from argon.deferred import Deferred, RequestState, Signal, Wake
 from argon.errors import (
     TASK_ERRORS,
     ArgonError,
@@ -37,106 +54,45 @@ from argon.errors import (
     ConnectionLost,
     MessageTooLarge,
     ProtocolError,
-    TaskCancelled,
     TaskTimeout,
 )
-from argon.protocol import Bye, Cancel, Failure, Message, Result, StatusReply, StatusRequest, Task
+from argon.protocol import Bye, Cancel, Failure, Message, NotCancelled, Result, StatusReply, StatusRequest, Task
 from argon.security import as_client_tls, resolve_key
 from argon.serialize import FunctionCache, dumps, loads, loads_exception
 
+if TYPE_CHECKING:
+    from argon.executor import Executor
+
 log = logging.getLogger(__name__)
 
-_UNSENT, _SENT, _BACKOFF, _DONE = range(4)
+QUEUED, SENT, BACKOFF, DONE = RequestState.QUEUED, RequestState.SENT, RequestState.BACKOFF, RequestState.DONE
 
 
-class _Pending:
-    """A request the client has not had an answer to yet."""
+def parse_addresses(address: str | Sequence[str], port: int | None = None) -> list[tuple[str, int]]:
+    """Turn ``"host"``, ``"host:port"``, ``"h1:p1,h2:p2"`` or a list of those into pairs.
 
-    __slots__ = ("msg", "resends", "result", "retries", "sent_at", "since", "state", "tries")
+    A bracketed IPv6 address keeps its brackets off: ``"[::1]:8000"`` is ``("::1", 8000)``.
+    Where no port is given, ``port`` (default: the manager's default port) applies.
 
-    def __init__(self, msg: Task | StatusRequest, retries: int) -> None:
-        self.msg = msg
-        self.result = gevent.event.AsyncResult()
-        self.retries = retries
-        self.tries = 0
-        self.sent_at: float | None = None
-        self.resends = 0
-        self.state = _UNSENT
-        self.since = time.monotonic()
-
-
-class Deferred:
-    """A task's future result: call it to wait for the value (or the task's exception).
-
-    Calling it again returns the same value (or raises the same error) at once.
+    Raises:
+        ValueError: An empty address or a port that is not a number.
     """
-
-    __slots__ = ("_client", "_outcome", "_pending")
-
-    def __init__(self, client: Client, pending: _Pending) -> None:
-        self._client = client
-        self._pending = pending
-        self._outcome: tuple[bool, Any] | None = None
-
-    @property
-    def id(self) -> int:
-        """The task's id on its client's connection."""
-        return self._pending.msg.id
-
-    @property
-    def tries(self) -> int:
-        """How many times the task was sent (more than once after rejections or reconnects)."""
-        return self._pending.tries
-
-    @property
-    def sent_at(self) -> float | None:
-        """When (``time.monotonic()``) the task was last sent; None if it never was.
-
-        The time from here to the result is what the network took for the accepted send,
-        without the client's own waits between retries.
-        """
-        return self._pending.sent_at
-
-    def done(self) -> bool:
-        """Whether the result (or error) has arrived."""
-        return self._pending.result.ready()
-
-    def __call__(self, timeout: float | None = None) -> Any:
-        """Wait for the task and return its value.
-
-        Args:
-            timeout: Seconds to wait (default: the client's ``timeout``; None waits until
-                the result arrives or the task fails).
-
-        Raises:
-            TaskTimeout: No result within ``timeout``; the task itself goes on, and calling
-                the deferred again waits again.
-            Exception: Whatever the task raised, or an :class:`~argon.errors.ArgonError`.
-        """
-        if self._outcome is None:
-            if timeout is None:
-                timeout = self._client.timeout
-            try:
-                reply = self._pending.result.get(timeout=timeout)
-            except gevent.Timeout:
-                raise TaskTimeout(f"no result for task {self.id} within {timeout}s") from None
-            self._outcome = _decode(reply)
-        ok, value = self._outcome
-        if ok:
-            return value
-        raise value
-
-    def cancel(self) -> bool:
-        """Ask the server to drop the task if it has not started yet.
-
-        Returns:
-            False if the result is already here; True if the request was sent. A task
-            that was cancelled in time fails with :class:`~argon.errors.TaskCancelled`;
-            one that had started completes normally.
-        """
-        if self.done():
-            return False
-        return self._client._cancel(self._pending)
+    items = address.split(",") if isinstance(address, str) else [part for a in address for part in a.split(",")]
+    pairs = []
+    for item in (part.strip() for part in items):
+        if not item:
+            raise ValueError(f"empty address in {address!r}")
+        host, sep, number = item.rpartition(":")
+        if not sep or (host.count(":") and not host.startswith("[")):  # a bare (IPv6) host
+            host, number = item, ""
+        host = host.strip("[]")
+        try:
+            pairs.append((host, int(number) if number else (port or defaults.MANAGER_PORT)))
+        except ValueError:
+            raise ValueError(f"bad port in address {item!r}") from None
+    if not pairs:
+        raise ValueError("no address given")
+    return pairs
 
 
 def _progress_bar(iterable: Iterable[Any]) -> Any:
@@ -167,33 +123,166 @@ def _decode(reply: Any) -> tuple[bool, Any]:
     return False, reply  # an exception set by the client itself
 
 
+def _time_limit(time_limit: float | None, timeout: float | None) -> float | None:
+    """The run limit, accepting the deprecated ``timeout=`` spelling of it."""
+    if timeout is None:
+        return time_limit
+    warnings.warn(
+        "timeout= on queue/defer/map is deprecated: it limits the task's run time, so it is now"
+        " spelled time_limit= (timeout= on a deferred or the Client bounds a wait)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return timeout if time_limit is None else time_limit
+
+
+class _Loop:
+    """Where the client's network I/O runs: a hub in a thread of its own, or the caller's."""
+
+    def __init__(self, own_thread: bool) -> None:
+        self._inbox: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+        self._signalled = False
+        self._wakeup: Any = None
+        self._stopper: Waiter | None = None
+        self.thread: threading.Thread | None = None
+        if not own_thread:
+            self.hub = gevent.get_hub()
+            self.ident = threading.get_ident()
+            return
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._main, args=(started,), name="argon-client", daemon=True)
+        self.thread.start()
+        started.wait()
+        self.ident = self.thread.ident
+
+    def _main(self, started: threading.Event) -> None:
+        self.hub = gevent.get_hub()
+        self._wakeup = self.hub.loop.async_()
+        self._wakeup.start(self._drain)
+        self._stopper = Waiter(self.hub)
+        started.set()
+        try:
+            self._stopper.get()  # the hub runs the client's I/O until stop()
+        finally:
+            self._wakeup.close()
+            self.hub.destroy(destroy_loop=True)
+
+    def _drain(self) -> None:
+        """Run, in the network loop, everything other threads handed over."""
+        self._signalled = False
+        inbox = self._inbox
+        while inbox:
+            func, args = inbox.popleft()
+            try:
+                func(*args)
+            except Exception:
+                log.exception("error in the client's network loop")
+
+    def call(self, func: Callable[..., Any], *args: Any) -> None:
+        """Run ``func(*args)`` in the network loop: now if this is its thread, else soon."""
+        if threading.get_ident() == self.ident:
+            func(*args)
+            return
+        if self._wakeup is None:  # a caller's hub, reached from another thread
+            self.hub.loop.run_callback_threadsafe(func, *args)
+            return
+        self._inbox.append((func, args))
+        if not self._signalled:
+            self._signalled = True
+            self._wakeup.send()
+
+    def spawn(self, func: Callable[..., Any], *args: Any) -> concurrent.futures.Future:  # type: ignore[type-arg]
+        """Run ``func(*args)`` in a greenlet of the network loop; its outcome as a future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()  # type: ignore[type-arg]
+
+        def run() -> None:
+            try:
+                future.set_result(func(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(exc)
+
+        self.call(gevent.spawn, run)
+        return future
+
+    def stop(self, timeout: float) -> None:
+        """End the network thread (if the client has one) and wait for it."""
+        stopper = self._stopper
+        if self.thread is None or stopper is None:
+            return
+        self.call(stopper.switch, None)
+        if threading.get_ident() != self.ident:
+            self.thread.join(timeout)
+
+
+def wait_future(future: concurrent.futures.Future, timeout: float | None) -> Any:  # type: ignore[type-arg]
+    """Wait for a plain future, blocking only the caller (greenlet or thread).
+
+    Raises:
+        TaskTimeout: Not done within ``timeout`` seconds.
+    """
+    if not future.done():
+        signal = Signal()
+        wake = Wake(signal)
+        future.add_done_callback(wake)
+        try:
+            if not signal.wait(timeout) and not future.done():
+                raise TaskTimeout(f"no answer within {timeout}s")
+        finally:
+            signal.close()
+    return future.result(0)
+
+
+class _Link:
+    """One server the client talks to: its connection, and the tasks that went through it."""
+
+    __slots__ = ("conn", "held", "host", "port", "supervisor", "up")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.conn: Connection | None = None
+        self.up = False
+        self.held: dict[int, Deferred] = {}
+        self.supervisor: gevent.Greenlet | None = None
+
+    def __repr__(self) -> str:
+        return f"<link {self.host}:{self.port} {'up' if self.up else 'down'} held={len(self.held)}>"
+
+
 class Client:
-    """A connection to a manager or stand-alone worker; see the module docstring.
+    """A connection to one or several managers, or to a stand-alone worker.
+
+    See the module docstring for how it works from threads, greenlets and coroutines.
 
     Args:
-        host: Server address.
-        port: Server port.
+        host: The server: a host name (with ``port``), ``"host:port"``,
+            ``"h1:p1,h2:p2"`` or a list of such strings (several managers).
+        port: Server port, for a ``host`` without one.
         key: The shared key (hex text or bytes), or None.
         key_file: A file holding the key (see ``argon keygen``), instead of ``key``.
         retries: Times to re-send a rejected task before raising ``TaskRejected``.
-        timeout: Default seconds a deferred waits for its result (None: no limit).
+        timeout: Default seconds a wait for a result lasts (None: no limit). This bounds
+            waiting only; a task's run time is limited by ``time_limit=``.
         connect_timeout: Seconds allowed to connect and authenticate.
-        reconnect_deadline: Seconds unanswered tasks wait for a lost connection to return.
+        reconnect_deadline: Seconds unanswered tasks wait for a connection to return.
         tls: Encrypt the connection: a ``gevent.ssl.SSLContext`` (see
             :func:`argon.security.client_tls`), the path of a PEM file of the authority (or
             self-signed certificate) to trust, True for the system's authorities, or None
             for no TLS.
         max_frame: Largest message accepted from the server (bytes).
+        own_thread: Run the network loop in a thread of its own (True) or on the caller's
+            gevent hub (False); None (the default) picks the thread unless the program
+            is monkey-patched.
 
     Raises:
-        ConnectionLost: The server cannot be reached.
+        ConnectionLost: No server can be reached.
         AuthenticationError: The server and this client do not hold the same key.
     """
 
     def __init__(
         self,
-        host: str = defaults.HOST,
-        port: int = defaults.MANAGER_PORT,
+        host: str | Sequence[str] = defaults.HOST,
+        port: int | None = None,
         key: bytes | str | None = None,
         key_file: str | os.PathLike[str] | None = None,
         retries: int = defaults.RETRIES,
@@ -203,24 +292,37 @@ class Client:
         reconnect_deadline: float = defaults.RECONNECT_DEADLINE,
         tls: ssl.SSLContext | str | os.PathLike[str] | bool | None = None,
         max_frame: int = defaults.MAX_FRAME,
+        own_thread: bool | None = None,
     ) -> None:
-        self.host = host
-        self.port = port
+        self.addresses = parse_addresses(host, port)
+        self.host, self.port = self.addresses[0]
         self.retries = retries
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.reconnect_deadline = reconnect_deadline
+        #: Answers that arrived for tasks already answered (at-least-once delivery).
+        self.duplicates = 0
         self._key = resolve_key(key, key_file)
         self._tls = as_client_tls(tls)
         self._max_frame = max_frame
         self._functions = FunctionCache()
+        self._functions_lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Deferred] = {}
         self._closed = False
-        self._connected = gevent.event.Event()
-        self._conn: Connection | None = self._connect()
-        self._connected.set()
-        self._supervisor = gevent.spawn(self._supervise, self._conn)
+        self._links = [_Link(h, p) for h, p in self.addresses]
+        self._warned = 0.0
+        self._watcher: gevent.Greenlet | None = None
+        if own_thread is None:
+            own_thread = not gevent.monkey.is_module_patched("threading")
+        self._loop = _Loop(own_thread)
+        try:
+            wait_future(self._loop.spawn(self._start), connect_timeout * len(self._links) + 5)
+        except BaseException:
+            self._loop.stop(1.0)
+            raise
+
+    _decode = staticmethod(_decode)
 
     def __enter__(self) -> Client:
         return self
@@ -229,7 +331,8 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Client {self.host}:{self.port} pending={len(self._pending)}>"
+        where = ",".join(f"{link.host}:{link.port}" for link in self._links)
+        return f"<Client {where} pending={len(self._pending)}>"
 
     # -- public API ------------------------------------------------------------------------
 
@@ -238,41 +341,60 @@ class Client:
         func: Callable[..., Any],
         args: Any = (),
         kwargs: dict[str, Any] | None = None,
+        time_limit: float | None = None,
+        *,
         timeout: float | None = None,
     ) -> Deferred:
-        """Send a task and return at once.
+        """Send a task and return at once; the task is on its way when this returns.
 
         Args:
             func: The callable to run on a worker.
             args: Positional arguments (any sequence).
             kwargs: Keyword arguments.
-            timeout: Time limit in seconds for running the task on the worker; past it the
-                process running it is killed and the task fails with ``TaskTimeout``.
+            time_limit: Seconds the task may run on the worker; past it the process
+                running it is killed and the task fails with ``TaskTimeout``.
+            timeout: Deprecated spelling of ``time_limit``.
 
         Returns:
-            A :class:`Deferred`; call it to wait for the result.
+            A :class:`~argon.deferred.Deferred` (a ``concurrent.futures.Future``); call it
+            to wait for the result.
+
+        Raises:
+            ConnectionLost: The client is closed.
+            Exception: ``func`` or its arguments cannot be serialized.
         """
+        limit = _time_limit(time_limit, timeout)
         if self._closed:
             raise ConnectionLost("client is closed")
-        task = Task(next(self._ids), self._functions.dumps(func), dumps((tuple(args), kwargs)), timeout)
-        pending = _Pending(task, self.retries)
-        self._pending[task.id] = pending
-        self._send(pending)
-        return Deferred(self, pending)
+        with self._functions_lock:
+            code = self._functions.dumps(func)
+        task = Task(next(self._ids), code, dumps((tuple(args), kwargs)), limit)
+        deferred = Deferred(self, task, self.retries)
+        self._loop.call(self._submit, deferred)
+        return deferred
+
+    def submit(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Deferred:
+        """Send ``func(*args, **kwargs)``, like ``concurrent.futures.Executor.submit``.
+
+        Every keyword goes to ``func``; for a run-time limit use :meth:`defer`.
+        """
+        return self.defer(func, args, kwargs or None)
 
     def queue(
         self,
         func: Callable[..., Any],
         args: Any = (),
         kwargs: dict[str, Any] | None = None,
+        time_limit: float | None = None,
+        *,
         timeout: float | None = None,
     ) -> Any:
-        """Run a task and wait for its result (blocking only the calling greenlet).
+        """Run a task and wait for its result (blocking only the caller).
 
         Raises:
             Exception: Whatever the task raised, or an :class:`~argon.errors.ArgonError`.
         """
-        return self.defer(func, args, kwargs, timeout)()
+        return self.defer(func, args, kwargs, _time_limit(time_limit, timeout))()
 
     def map(
         self,
@@ -281,6 +403,7 @@ class Client:
         *,
         window: int = 1000,
         progress: bool = False,
+        time_limit: float | None = None,
         timeout: float | None = None,
     ) -> Iterator[Any]:
         """Run ``func(item)`` for every item and yield the results in input order.
@@ -293,7 +416,8 @@ class Client:
             iterable: The items (any iterable, possibly endless).
             window: Most tasks in flight at once.
             progress: Show a progress bar on stderr when it is a terminal (needs tqdm).
-            timeout: Per-task time limit on the worker, as for :meth:`defer`.
+            time_limit: Per-task run limit on the worker, as for :meth:`defer`.
+            timeout: Deprecated spelling of ``time_limit``.
 
         Raises:
             Exception: The first failing task's error, when its result is reached; tasks
@@ -301,27 +425,35 @@ class Client:
         """
         if window < 1:
             raise ValueError("window must be at least 1")
+        limit = _time_limit(time_limit, timeout)
+        return self._map(func, iterable, window, progress, limit)
+
+    def _map(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], window: int, progress: bool, limit: float | None
+    ) -> Iterator[Any]:
         bar = _progress_bar(iterable) if progress else None
-        inflight: deque[Deferred] = deque()
+        inflight: collections.deque[Deferred] = collections.deque()
         try:
             for item in iterable:
                 if len(inflight) >= window:
                     yield inflight.popleft()()
                     if bar is not None:
                         bar.update(1)
-                inflight.append(self.defer(func, (item,), None, timeout))
+                inflight.append(self.defer(func, (item,), None, limit))
             while inflight:
                 yield inflight.popleft()()
                 if bar is not None:
                     bar.update(1)
         finally:
-            for deferred in inflight:
-                deferred.cancel()
+            if inflight:
+                self._cancel(list(inflight), wait=False)
             if bar is not None:
                 bar.close()
 
     def as_completed(self, deferreds: Iterable[Deferred], timeout: float | None = None) -> Iterator[Deferred]:
         """Yield each deferred as soon as its result (or error) is in.
+
+        Stopping early (``break``) leaves nothing behind on the deferreds.
 
         Args:
             deferreds: Deferreds from this client.
@@ -331,116 +463,104 @@ class Client:
             TaskTimeout: Some were still not done when ``timeout`` ran out.
         """
         waiting = list(deferreds)
-        done: gevent.queue.Queue[Deferred] = gevent.queue.Queue()
+        finished: collections.deque[Deferred] = collections.deque()
+        signal = Signal()
+
+        def done(deferred: Any) -> None:
+            finished.append(deferred)
+            signal.set()
+
         for deferred in waiting:
-            deferred._pending.result.rawlink(lambda _, d=deferred: done.put(d))
+            deferred.add_done_callback(done)
         deadline = None if timeout is None else time.monotonic() + timeout
-        for _ in range(len(waiting)):
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                yield done.get(timeout=left)
-            except gevent.queue.Empty:
-                raise TaskTimeout(f"tasks still running after {timeout}s") from None
+        try:
+            for _ in range(len(waiting)):
+                while not finished:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    if not signal.wait(left) and not finished:
+                        raise TaskTimeout(f"tasks still running after {timeout}s")
+                    signal.clear()
+                yield finished.popleft()
+        finally:
+            signal.close()
+            for deferred in waiting:
+                with deferred._condition:
+                    if done in deferred._done_callbacks:
+                        deferred._done_callbacks.remove(done)
+
+    def executor(self, *, time_limit: float | None = None) -> Executor:
+        """A ``concurrent.futures.Executor`` that sends its calls through this client.
+
+        Shutting it down does not close the client.
+        """
+        from argon.executor import Executor  # executor imports this module
+
+        return Executor(client=self, time_limit=time_limit)
 
     def status(self) -> dict[str, Any]:
-        """The server's workers, capacity and counters (see the documentation)."""
+        """The server's workers, capacity and counters (see the documentation).
+
+        With several managers, the first live one answers (see ``argon status`` for the
+        whole network).
+
+        Raises:
+            ConnectionLost: No live server to ask (or it is shutting down).
+            TaskTimeout: No answer within the status timeout.
+        """
         if self._closed:
             raise ConnectionLost("client is closed")
-        pending = _Pending(StatusRequest(next(self._ids)), 0)
-        self._pending[pending.msg.id] = pending
-        self._send(pending)
-        return Deferred(self, pending)(timeout=defaults.STATUS_TIMEOUT)  # type: ignore[no-any-return]
+        deferred = Deferred(self, StatusRequest(next(self._ids)), 0)
+        self._loop.call(self._submit_status, deferred)
+        return deferred.result(timeout=defaults.STATUS_TIMEOUT)  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        """Close the connection; tasks still waiting fail with ``ConnectionLost``."""
+        """Close the connections; tasks still waiting fail with ``ConnectionLost``."""
         if self._closed:
             return
         self._closed = True
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            try:
-                conn.send(Bye("client closed"))
-                conn.flush(1.0)
-            except ConnectionLost:
-                pass
-            conn.close("client closed")
-        self._supervisor.kill(block=False)
-        self._fail_all(ConnectionLost("client closed"))
-
-    # -- sending and receiving ---------------------------------------------------------
-
-    def _send(self, pending: _Pending) -> None:
-        conn = self._conn
-        if conn is not None and self._connected.is_set():
-            try:
-                conn.send(pending.msg)
-                pending.state = _SENT
-                pending.tries += 1
-                pending.sent_at = time.monotonic()
-                return
-            except MessageTooLarge as exc:
-                self._finish(pending.msg.id, exc)
-                return
-            except ConnectionLost:
-                pass
-        pending.state = _UNSENT
-        pending.since = time.monotonic()
-
-    def _cancel(self, pending: _Pending) -> bool:
-        conn = self._conn
-        if pending.state != _SENT or conn is None:
-            self._finish(pending.msg.id, TaskCancelled("task cancelled before it was sent"))
-            return True
         try:
-            conn.send(Cancel(pending.msg.id))
-        except ConnectionLost:
-            return False
-        return True
+            wait_future(self._loop.spawn(self._shutdown), 5.0)
+        except TaskTimeout:
+            log.warning("the client's network loop did not close within 5s")
+        self._loop.stop(5.0)
 
-    def _on_message(self, msg: Message) -> None:
-        if isinstance(msg, (Result, StatusReply)):
-            self._finish(msg.id, msg)
-        elif isinstance(msg, Failure):
-            pending = self._pending.get(msg.id)
-            if pending is None:
-                return
-            if msg.error == "TaskRejected" and pending.retries > 0:
-                pending.retries -= 1
-                pending.state = _BACKOFF
-                gevent.spawn_later(self._delay(pending), self._retry, pending)
-            else:
-                self._finish(msg.id, msg)
-        elif isinstance(msg, Bye):
-            log.info("server %s:%d says: %s", self.host, self.port, msg.reason)
-            self._connected.clear()  # new tasks wait for the next connection
-        else:
-            raise ProtocolError(f"a server may not send {type(msg).__name__} to a client")
+    # -- caller side of cancelling -----------------------------------------------------------
 
-    def _delay(self, pending: _Pending) -> float:
-        used = self.retries - pending.retries
-        delay = min(defaults.RETRY_DELAY * defaults.RETRY_BACKOFF ** (used - 1), defaults.RETRY_MAX_DELAY)
-        return delay * random.uniform(0.75, 1.25)
+    def _cancel(self, deferreds: list[Deferred], wait: bool = True) -> list[bool]:
+        """Ask for each task to be dropped; with ``wait``, wait for every verdict."""
+        verdicts = [concurrent.futures.Future() for _ in deferreds]  # type: ignore[var-annotated]
+        self._loop.call(self._cancel_in_loop, deferreds, verdicts)
+        if not wait:
+            return []
+        answers = []
+        for verdict in verdicts:
+            try:
+                answers.append(bool(wait_future(verdict, defaults.CANCEL_TIMEOUT)))
+            except TaskTimeout:
+                answers.append(False)
+        return answers
 
-    def _retry(self, pending: _Pending) -> None:
-        if pending.state == _BACKOFF:
-            self._send(pending)
+    # -- the network loop: sending -------------------------------------------------------------
 
-    def _finish(self, task_id: int, outcome: Any) -> None:
-        pending = self._pending.pop(task_id, None)
-        if pending is not None:
-            pending.state = _DONE
-            pending.result.set(outcome)
+    def _start(self) -> None:
+        """Connect to every server (at least one must answer), then supervise each link."""
+        errors = []
+        for link in self._links:
+            try:
+                self._connect(link)
+            except (ArgonError, OSError) as exc:
+                errors.append(exc)
+        if len(errors) == len(self._links):
+            auth = [e for e in errors if isinstance(e, AuthenticationError)]
+            raise auth[0] if auth else errors[0]
+        for link in self._links:
+            link.supervisor = gevent.spawn(self._supervise, link)
+        self._watcher = gevent.spawn(self._watch_waits)
 
-    def _fail_all(self, error: Exception) -> None:
-        for task_id in list(self._pending):
-            self._finish(task_id, error)
-
-    # -- the connection's life ---------------------------------------------------------
-
-    def _connect(self) -> Connection:
-        return connect(
-            self.host,
-            self.port,
+    def _connect(self, link: _Link) -> None:
+        link.conn = connect(
+            link.host,
+            link.port,
             role="client",
             name=f"pid {os.getpid()}",
             key=self._key,
@@ -448,52 +568,247 @@ class Client:
             max_frame=self._max_frame,
             tls=self._tls,
         )
+        link.up = True
 
-    def _supervise(self, conn: Connection) -> None:
-        """Serve the connection; when it drops, reconnect and re-send unanswered tasks."""
+    def _submit(self, deferred: Deferred) -> None:
+        if self._closed:
+            deferred.deliver(ConnectionLost("client is closed"))
+            return
+        deferred.since = time.monotonic()
+        self._pending[deferred.id] = deferred
+        self._send(deferred)
+
+    def _submit_status(self, deferred: Deferred) -> None:
+        if not any(link.up for link in self._links):
+            deferred.deliver(ConnectionLost("no server is connected (it may be shutting down)"))
+            return
+        self._submit(deferred)
+
+    def _pick(self) -> _Link | None:
+        """The live link holding the fewest of this client's tasks."""
+        best = None
+        for link in self._links:
+            if link.up and (best is None or len(link.held) < len(best.held)):
+                best = link
+        return best
+
+    def _send(self, deferred: Deferred) -> None:
+        link = self._pick()
+        if link is not None and link.conn is not None:
+            try:
+                link.conn.send(deferred.msg)
+            except MessageTooLarge as exc:
+                self._finish(deferred.id, exc)
+                return
+            except ConnectionLost:
+                pass
+            else:
+                deferred.sent(time.monotonic())
+                deferred.link = link
+                link.held[deferred.id] = deferred
+                return
+        if deferred.state is not QUEUED:
+            deferred.move(QUEUED)
+        deferred.since = time.monotonic()
+
+    def _cancel_in_loop(self, deferreds: list[Deferred], verdicts: list[concurrent.futures.Future]) -> None:  # type: ignore[type-arg]
+        for deferred, verdict in zip(deferreds, verdicts, strict=True):
+            if deferred.state is DONE or deferred.done():
+                verdict.set_result(deferred.cancelled())
+                continue
+            deferred._cancel_verdict = verdict
+            link = deferred.link
+            if deferred.state is not SENT or link is None or link.conn is None:
+                self._forget(deferred)
+                deferred.drop()
+                continue
+            try:
+                link.conn.send(Cancel(deferred.id))
+            except ConnectionLost:
+                verdict.set_result(False)
+
+    # -- the network loop: receiving -------------------------------------------------------------
+
+    def _on_message(self, link: _Link, msg: Message) -> None:
+        kind = type(msg)
+        if kind is Result or kind is StatusReply:
+            self._finish(msg.id, msg)  # type: ignore[union-attr]
+        elif kind is Failure:
+            self._on_failure(msg)  # type: ignore[arg-type]
+        elif kind is NotCancelled:
+            deferred = self._pending.get(msg.id)  # type: ignore[union-attr]
+            if deferred is not None and deferred._cancel_verdict is not None:
+                verdict, deferred._cancel_verdict = deferred._cancel_verdict, None
+                verdict.set_result(False)
+        elif kind is Bye:
+            log.info("server %s:%d says: %s", link.host, link.port, msg.reason)  # type: ignore[union-attr]
+            link.up = False  # new tasks go elsewhere, or wait for the next connection
+            for deferred in list(link.held.values()):
+                if type(deferred.msg) is StatusRequest:
+                    self._finish(deferred.id, ConnectionLost(f"{link.host}:{link.port} is shutting down"))
+        else:
+            raise ProtocolError(f"a server may not send {kind.__name__} to a client")
+
+    def _on_failure(self, msg: Failure) -> None:
+        deferred = self._pending.get(msg.id)
+        if deferred is None:
+            return
+        if msg.error == "TaskRejected" and deferred.retries > 0:
+            deferred.retries -= 1
+            self._forget_link(deferred)
+            deferred.move(BACKOFF)
+            gevent.spawn_later(self._delay(deferred), self._retry, deferred)
+        elif msg.error == "TaskCancelled" and deferred._cancel_verdict is not None:
+            self._forget(deferred)
+            deferred.drop()
+        else:
+            self._finish(msg.id, msg)
+
+    def _delay(self, deferred: Deferred) -> float:
+        used = self.retries - deferred.retries
+        delay = min(defaults.RETRY_DELAY * defaults.RETRY_BACKOFF ** (used - 1), defaults.RETRY_MAX_DELAY)
+        return delay * random.uniform(0.75, 1.25)
+
+    def _retry(self, deferred: Deferred) -> None:
+        if deferred.state is BACKOFF:
+            self._send(deferred)
+
+    def _forget_link(self, deferred: Deferred) -> None:
+        link = deferred.link
+        if link is not None:
+            link.held.pop(deferred.id, None)
+            deferred.link = None
+
+    def _forget(self, deferred: Deferred) -> None:
+        self._pending.pop(deferred.id, None)
+        self._forget_link(deferred)
+
+    def _finish(self, task_id: int, outcome: Any) -> None:
+        deferred = self._pending.pop(task_id, None)
+        if deferred is None:
+            if type(outcome) in (Result, Failure):
+                self.duplicates += 1
+            return
+        self._forget_link(deferred)
+        deferred.deliver(outcome)
+
+    def _fail_all(self, error: Exception) -> None:
+        for task_id in list(self._pending):
+            self._finish(task_id, error)
+
+    # -- the network loop: each link's life ----------------------------------------------------------
+
+    def _supervise(self, link: _Link) -> None:
+        """Serve a link; when it drops, re-send its tasks elsewhere and reconnect."""
         while True:
-            reason = conn.serve(self._on_message, defaults.CLIENT_HEARTBEAT_MISSES)
-            self._connected.clear()
-            self._conn = None
+            conn = link.conn
+            reason = "not connected"
+            if conn is not None:
+                reason = conn.serve(lambda msg: self._on_message(link, msg), defaults.CLIENT_HEARTBEAT_MISSES)
+            link.up = False
+            link.conn = None
             if self._closed:
                 return
-            log.warning("lost connection to %s:%d (%s); reconnecting", self.host, self.port, reason)
-            now = time.monotonic()
-            for task_id, pending in list(self._pending.items()):
-                if pending.state != _SENT:
-                    continue
-                pending.state, pending.since = _UNSENT, now
-                pending.resends += 1
-                if pending.resends > defaults.MAX_RESENDS:
-                    self._finish(
-                        task_id,
-                        ConnectionLost(
-                            f"the connection dropped {pending.resends} times while"
-                            f" this task was in flight (last: {reason})"
-                        ),
-                    )
-            conn = self._reconnect()
-            self._conn = conn
-            self._connected.set()
-            log.info("reconnected to %s:%d; re-sending %d tasks", self.host, self.port, len(self._pending))
-            for pending in list(self._pending.values()):
-                if pending.state == _UNSENT:
-                    self._send(pending)
+            if conn is not None:
+                log.warning("lost connection to %s:%d (%s); reconnecting", link.host, link.port, reason)
+            self._requeue(link, reason)
+            self._reconnect(link)
+            log.info("connected to %s:%d; sending %d waiting tasks", link.host, link.port, self._queued())
+            self._send_queued()
 
-    def _reconnect(self) -> Connection:
+    def _requeue(self, link: _Link, reason: str) -> None:
+        """Take back the tasks a lost link held; send them through another live link."""
+        now = time.monotonic()
+        for task_id, deferred in list(link.held.items()):
+            self._forget_link(deferred)
+            if deferred.state is not SENT:
+                continue
+            deferred.move(QUEUED)
+            deferred.since = now
+            deferred.resends += 1
+            if type(deferred.msg) is StatusRequest:
+                self._finish(task_id, ConnectionLost(f"lost {link.host}:{link.port} ({reason})"))
+            elif deferred.resends > defaults.MAX_RESENDS:
+                self._finish(
+                    task_id,
+                    ConnectionLost(
+                        f"the connection dropped {deferred.resends} times while this task was in flight"
+                        f" (last: {link.host}:{link.port}: {reason})"
+                    ),
+                )
+        self._send_queued()
+
+    def _queued(self) -> int:
+        return sum(1 for d in self._pending.values() if d.state is QUEUED)
+
+    def _send_queued(self) -> None:
+        if self._pick() is None:
+            return
+        for deferred in list(self._pending.values()):
+            if deferred.state is QUEUED:
+                self._send(deferred)
+
+    def _reconnect(self, link: _Link) -> None:
         delay = 0.05
-        while True:
+        while not self._closed:
             try:
-                return self._connect()
+                self._connect(link)
+                return
             except (ArgonError, OSError) as exc:
-                error = exc
-            deadline = time.monotonic() - self.reconnect_deadline
-            for task_id, pending in list(self._pending.items()):
-                if pending.state == _UNSENT and pending.since < deadline:
-                    kind = AuthenticationError if isinstance(error, AuthenticationError) else ConnectionLost
-                    self._finish(
-                        task_id,
-                        kind(f"no connection to {self.host}:{self.port} for {self.reconnect_deadline}s: {error}"),
-                    )
+                self._expire(link, exc)
             gevent.sleep(min(delay * random.uniform(0.8, 1.2), defaults.RECONNECT_MAX_DELAY))
             delay = min(delay * 2, defaults.RECONNECT_MAX_DELAY)
+
+    def _expire(self, link: _Link, error: BaseException) -> None:
+        """Fail the tasks that found no connection for ``reconnect_deadline`` seconds."""
+        deadline = time.monotonic() - self.reconnect_deadline
+        kind = AuthenticationError if isinstance(error, AuthenticationError) else ConnectionLost
+        for task_id, deferred in list(self._pending.items()):
+            if deferred.state is QUEUED and deferred.since < deadline:
+                where = ", ".join(f"{lk.host}:{lk.port}" for lk in self._links)
+                self._finish(task_id, kind(f"no connection to {where} for {self.reconnect_deadline}s: {error}"))
+
+    def _watch_waits(self) -> None:
+        """Warn, now and then, when tasks wait long at a server that has no workers."""
+        while not self._closed:
+            gevent.sleep(defaults.WAIT_CHECK)
+            now = time.monotonic()
+            if now - self._warned < defaults.WAIT_WARNING_EVERY:
+                continue
+            old = [d for d in self._pending.values() if d.state is SENT and now - (d.sent_at or now) > defaults.WAIT_WARNING]
+            if not old or old[0].link is None:
+                continue
+            link = old[0].link
+            probe = Deferred(self, StatusRequest(next(self._ids)), 0)
+            probe.add_done_callback(lambda f, n=len(old), lk=link: self._warn_if_no_workers(f, n, lk))
+            self._submit(probe)
+
+    def _warn_if_no_workers(self, probe: Deferred, count: int, link: _Link) -> None:
+        ok, status = _decode(probe._reply)
+        if ok and isinstance(status, dict) and not status.get("capacity"):
+            self._warned = time.monotonic()
+            log.warning(
+                "%d tasks have waited over %.0fs at %s:%d, which has no workers registered; they"
+                " fail with NoWorkers once none has been there for the server's --worker-wait",
+                count,
+                defaults.WAIT_WARNING,
+                link.host,
+                link.port,
+            )
+
+    def _shutdown(self) -> None:
+        """Say goodbye on every link, close them, and fail what is still waiting."""
+        if self._watcher is not None:
+            self._watcher.kill(block=False)
+        for link in self._links:
+            conn, link.up = link.conn, False
+            if conn is not None and not conn.closed:
+                try:
+                    conn.send(Bye("client closed"))
+                    conn.flush(1.0)
+                except ConnectionLost:
+                    pass
+                conn.close("client closed")
+            if link.supervisor is not None:
+                link.supervisor.kill(block=False)
+        self._fail_all(ConnectionLost("client closed"))

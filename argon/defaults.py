@@ -90,3 +90,15 @@ LOG_INTERVAL = 10.0
 CLIENT_HEARTBEAT_MISSES = 10
 """Heartbeats a client lets its server miss before reconnecting (lenient: a busy client
 program may starve its own event loop)."""
+
+CANCEL_TIMEOUT = 5.0
+"""Seconds ``Deferred.cancel()`` waits for the server to say whether it dropped the task."""
+
+WAIT_CHECK = 5.0
+"""Seconds between a client's checks for tasks that wait unusually long."""
+
+WAIT_WARNING = 10.0
+"""Seconds a task may wait at a server before the client checks whether it has workers."""
+
+WAIT_WARNING_EVERY = 60.0
+"""Least seconds between two of a client's warnings that its server has no workers."""

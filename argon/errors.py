@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+
+# Before Python 3.11, concurrent.futures had a TimeoutError of its own.
+_WAIT_TIMEOUTS: tuple[type[Exception], ...] = (
+    (TimeoutError,) if concurrent.futures.TimeoutError is TimeoutError else (TimeoutError, concurrent.futures.TimeoutError)
+)
+
 
 class ArgonError(Exception):
     """Base class of every error raised by Argon itself."""
@@ -43,12 +50,15 @@ class TaskRejected(ArgonError):
     """The server's queue was full; raised once the client has used up its retries."""
 
 
-class TaskTimeout(ArgonError, TimeoutError):
-    """A task, or a wait for its result, ran past its deadline."""
+class TaskTimeout(ArgonError, *_WAIT_TIMEOUTS):  # type: ignore[misc]
+    """A task ran past its ``time_limit``, or a wait for a result past its ``timeout``.
+
+    Also a ``TimeoutError`` (and ``concurrent.futures.TimeoutError``).
+    """
 
 
-class TaskCancelled(ArgonError):
-    """The task was cancelled before it started."""
+class TaskCancelled(ArgonError, concurrent.futures.CancelledError):
+    """The task was cancelled before it started (also a ``concurrent.futures.CancelledError``)."""
 
 
 class ProcessDied(ArgonError):

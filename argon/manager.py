@@ -306,12 +306,14 @@ class Manager(Server):
         job.client.reply(Result(job.task.id, msg.value) if type(msg) is Result else msg._replace(id=job.task.id))
         self._pump()
 
-    def cancel(self, client: ClientLink, task_id: int) -> None:
+    def cancel(self, client: ClientLink, task_id: int) -> bool:
         """Drop a queued task (a running one finishes normally)."""
         job = client.jobs.get(task_id)
-        if job is not None and job.worker is None:
-            self._pending.remove(job)
-            client.reply(Failure(task_id, "TaskCancelled", "task cancelled before it started"))
+        if job is None or job.worker is not None:
+            return False
+        self._pending.remove(job)
+        client.reply(Failure(task_id, "TaskCancelled", "task cancelled before it started"))
+        return True
 
     def client_gone(self, client: ClientLink) -> None:
         """Forget the departed client's queued tasks; its running ones finish unseen."""

@@ -182,7 +182,13 @@ class Bye(NamedTuple):
     error: str = ""
 
 
-Message = Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequest | StatusReply | Stats | Cancel | Bye
+class NotCancelled(NamedTuple):
+    """Server to client: task ``id`` could not be dropped (it has started, or is unknown)."""
+
+    id: int
+
+
+Message = Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequest | StatusReply | Stats | Cancel | Bye | NotCancelled
 
 #: Wire kind of each message type, and the type of each field (checked on decode).
 _SPEC: dict[type, tuple[int, tuple[frozenset[Any], ...]]] = {
@@ -198,6 +204,7 @@ _SPEC: dict[type, tuple[int, tuple[frozenset[Any], ...]]] = {
     Stats: (10, (_DICT,)),
     Cancel: (11, (_INT,)),
     Bye: (12, (_STR, _STR)),
+    NotCancelled: (30, (_INT,)),
 }
 _KIND = {cls: kind for cls, (kind, _) in _SPEC.items()}
 _BY_KIND: dict[int, tuple[type, tuple[frozenset[Any], ...], int]] = {

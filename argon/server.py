@@ -25,7 +25,7 @@ from argon import defaults
 from argon._version import __version__
 from argon.connection import Connection, accept
 from argon.errors import ArgonError, ConnectionLost, ProtocolError, ShuttingDown
-from argon.protocol import Bye, Cancel, Failure, Message, Result, StatusReply, StatusRequest, Task
+from argon.protocol import Bye, Cancel, Failure, Message, NotCancelled, Result, StatusReply, StatusRequest, Task
 from argon.security import BUSY, SHUTTING_DOWN, is_loopback, refuse
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,8 @@ class Server:
         elif isinstance(msg, StatusRequest):
             client.conn.send(StatusReply(msg.id, self.status()))
         elif isinstance(msg, Cancel):
-            self.cancel(client, msg.id)
+            if not self.cancel(client, msg.id):
+                client.conn.send(NotCancelled(msg.id))
         elif isinstance(msg, Bye):
             client.conn.close("client said goodbye")
         else:
@@ -280,8 +281,12 @@ class Server:
         """Accept, queue or reject a task from a client."""
         raise NotImplementedError
 
-    def cancel(self, client: ClientLink, task_id: int) -> None:
-        """Drop a client's task if it has not started; it then fails with ``TaskCancelled``."""
+    def cancel(self, client: ClientLink, task_id: int) -> bool:
+        """Drop a client's task if it has not started (it then fails with ``TaskCancelled``).
+
+        Returns:
+            True if the task was dropped; False if it has started or is unknown.
+        """
         raise NotImplementedError
 
     def client_gone(self, client: ClientLink) -> None:

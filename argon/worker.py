@@ -127,11 +127,13 @@ class Worker(Server):
 
         return done
 
-    def cancel(self, client: ClientLink, task_id: int) -> None:
+    def cancel(self, client: ClientLink, task_id: int) -> bool:
         """Drop a client's task if it is still waiting for a process."""
         job = client.jobs.get(task_id)
-        if job is not None and self.pool.cancel(lambda j: j is job):
-            client.reply(Failure(task_id, "TaskCancelled", "task cancelled before it started"))
+        if job is None or not self.pool.cancel(lambda j: j is job):
+            return False
+        client.reply(Failure(task_id, "TaskCancelled", "task cancelled before it started"))
+        return True
 
     def client_gone(self, client: ClientLink) -> None:
         """Drop the departed client's queued tasks; running ones finish unseen."""

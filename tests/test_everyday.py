@@ -179,7 +179,8 @@ def test_cancel_a_queued_task(net):
     assert queued.cancel() is True
     with pytest.raises(TaskCancelled):
         queued(timeout=30)
-    assert running.cancel() is True  # already running: it completes anyway
+    assert running.cancel() is False  # already running: it completes anyway
+    assert not running.cancelled()
     assert running(timeout=30) == 1
     assert running.cancel() is False  # done already
     assert client.status()["queued"] == 0
