@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
@@ -153,7 +154,7 @@ class _Loop:
         self.thread = threading.Thread(target=self._main, args=(started,), name="argon-client", daemon=True)
         self.thread.start()
         started.wait()
-        self.ident = self.thread.ident
+        self.ident = self.thread.ident or 0
 
     def _main(self, started: threading.Event) -> None:
         self.hub = gevent.get_hub()
@@ -198,7 +199,7 @@ class _Loop:
         def run() -> None:
             try:
                 future.set_result(func(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+            except BaseException as exc:
                 future.set_exception(exc)
 
         self.call(gevent.spawn, run)
@@ -295,7 +296,8 @@ class Client:
         own_thread: bool | None = None,
     ) -> None:
         self.addresses = parse_addresses(host, port)
-        self.host, self.port = self.addresses[0]
+        self.host: str = self.addresses[0][0]
+        self.port: int = self.addresses[0][1]
         self.retries = retries
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -484,9 +486,7 @@ class Client:
         finally:
             signal.close()
             for deferred in waiting:
-                with deferred._condition:
-                    if done in deferred._done_callbacks:
-                        deferred._done_callbacks.remove(done)
+                deferred.remove_done_callback(done)
 
     def executor(self, *, time_limit: float | None = None) -> Executor:
         """A ``concurrent.futures.Executor`` that sends its calls through this client.
@@ -630,24 +630,23 @@ class Client:
     # -- the network loop: receiving -------------------------------------------------------------
 
     def _on_message(self, link: _Link, msg: Message) -> None:
-        kind = type(msg)
-        if kind is Result or kind is StatusReply:
-            self._finish(msg.id, msg)  # type: ignore[union-attr]
-        elif kind is Failure:
-            self._on_failure(msg)  # type: ignore[arg-type]
-        elif kind is NotCancelled:
-            deferred = self._pending.get(msg.id)  # type: ignore[union-attr]
+        if isinstance(msg, (Result, StatusReply)):
+            self._finish(msg.id, msg)
+        elif isinstance(msg, Failure):
+            self._on_failure(msg)
+        elif isinstance(msg, NotCancelled):
+            deferred = self._pending.get(msg.id)
             if deferred is not None and deferred._cancel_verdict is not None:
                 verdict, deferred._cancel_verdict = deferred._cancel_verdict, None
                 verdict.set_result(False)
-        elif kind is Bye:
-            log.info("server %s:%d says: %s", link.host, link.port, msg.reason)  # type: ignore[union-attr]
+        elif isinstance(msg, Bye):
+            log.info("server %s:%d says: %s", link.host, link.port, msg.reason)
             link.up = False  # new tasks go elsewhere, or wait for the next connection
             for deferred in list(link.held.values()):
                 if type(deferred.msg) is StatusRequest:
                     self._finish(deferred.id, ConnectionLost(f"{link.host}:{link.port} is shutting down"))
         else:
-            raise ProtocolError(f"a server may not send {kind.__name__} to a client")
+            raise ProtocolError(f"a server may not send {type(msg).__name__} to a client")
 
     def _on_failure(self, msg: Failure) -> None:
         deferred = self._pending.get(msg.id)
@@ -775,15 +774,16 @@ class Client:
             now = time.monotonic()
             if now - self._warned < defaults.WAIT_WARNING_EVERY:
                 continue
-            old = [d for d in self._pending.values() if d.state is SENT and now - (d.sent_at or now) > defaults.WAIT_WARNING]
-            if not old or old[0].link is None:
+            limit = defaults.WAIT_WARNING
+            old = [d for d in self._pending.values() if d.state is SENT and now - (d.sent_at or now) > limit]
+            link = old[0].link if old else None
+            if link is None:
                 continue
-            link = old[0].link
             probe = Deferred(self, StatusRequest(next(self._ids)), 0)
-            probe.add_done_callback(lambda f, n=len(old), lk=link: self._warn_if_no_workers(f, n, lk))
+            probe.add_done_callback(functools.partial(self._warn_if_no_workers, count=len(old), link=link))
             self._submit(probe)
 
-    def _warn_if_no_workers(self, probe: Deferred, count: int, link: _Link) -> None:
+    def _warn_if_no_workers(self, probe: Any, *, count: int, link: _Link) -> None:
         ok, status = _decode(probe._reply)
         if ok and isinstance(status, dict) and not status.get("capacity"):
             self._warned = time.monotonic()

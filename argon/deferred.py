@@ -241,6 +241,13 @@ class Deferred(concurrent.futures.Future):  # type: ignore[type-arg]
             return False
         return bool(self._client._cancel([self])[0])
 
+    def remove_done_callback(self, callback: Any) -> None:
+        """Forget a callback added with ``add_done_callback`` (if it has not run yet)."""
+        with self._condition:
+            callbacks = self._done_callbacks  # type: ignore[attr-defined]
+            if callback in callbacks:
+                callbacks.remove(callback)
+
     def _wait(self, timeout: float | None) -> None:
         """Wait until the task is over; raise :class:`TaskTimeout` after ``timeout`` seconds."""
         if self._state in _OVER:
@@ -269,9 +276,7 @@ class Deferred(concurrent.futures.Future):  # type: ignore[type-arg]
                 raise TaskTimeout(f"no result for task {self.id} within {timeout}s")
         finally:
             signal.close()
-            with self._condition:
-                if wake in self._done_callbacks:  # type: ignore[attr-defined]
-                    self._done_callbacks.remove(wake)  # type: ignore[attr-defined]
+            self.remove_done_callback(wake)
 
     def _decoded(self) -> tuple[bool, Any]:
         outcome = self._outcome
@@ -335,5 +340,6 @@ class Wake:
         self.signal = signal
 
     def __call__(self, _: Any) -> None:
+        """Set the signal (the future is done)."""
         self.signal.set()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import concurrent.futures
 
 # Before Python 3.11, concurrent.futures had a TimeoutError of its own.
-_WAIT_TIMEOUTS: tuple[type[Exception], ...] = (
-    (TimeoutError,) if concurrent.futures.TimeoutError is TimeoutError else (TimeoutError, concurrent.futures.TimeoutError)
-)
+_WAIT_TIMEOUTS: tuple[type[Exception], ...] = (TimeoutError,)
+if concurrent.futures.TimeoutError is not TimeoutError:
+    _WAIT_TIMEOUTS += (concurrent.futures.TimeoutError,)
 
 
 class ArgonError(Exception):

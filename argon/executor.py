@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import itertools
 import threading
 import time
@@ -171,7 +172,7 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("buffersize must be None or > 0")
         end = None if timeout is None else time.monotonic() + timeout
         runner = chunk_runner(fn)
-        pieces = chunks(zip(*iterables), chunksize)
+        pieces = chunks(zip(*iterables, strict=False), chunksize)
         window = collections.deque(self.submit(runner, chunk) for chunk in itertools.islice(pieces, buffersize))
         return _results(self, window, pieces, runner, end, timeout)
 
@@ -191,10 +192,8 @@ class Executor(concurrent.futures.Executor):
             self.client._cancel(pending, wait=wait)
         if wait:
             for future in pending:
-                try:
+                with contextlib.suppress(concurrent.futures.CancelledError):
                     future.exception()
-                except concurrent.futures.CancelledError:
-                    pass
             self._release()
         elif not pending:
             self._release()

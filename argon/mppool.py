@@ -26,6 +26,7 @@ hold across machines, or deliberately differ (see docs/using.md):
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
 import threading
 import uuid
@@ -285,7 +286,9 @@ class Pool:
         self._lock = threading.Lock()
         self._cluster: LocalCluster | None = None
         if address is None:
-            self._cluster, self._client = start_local_network(processes, key_file=key_file, max_requests=maxtasksperchild)
+            self._cluster, self._client = start_local_network(
+                processes, key_file=key_file, max_requests=maxtasksperchild
+            )
         else:
             self._client = Client(address, key=key, key_file=key_file)
         self._processes = processes or int(self._client.status()["capacity"]) or 1
@@ -435,10 +438,8 @@ class Pool:
             with self._lock:
                 pending = list(self._outstanding)
             for deferred in pending:
-                try:
+                with contextlib.suppress(Exception):  # join only waits; errors belong to the callers
                     deferred.exception()
-                except Exception:  # noqa: BLE001 - join only waits; errors belong to the callers
-                    pass
         self._release()
 
     def _release(self) -> None:

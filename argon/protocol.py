@@ -188,7 +188,10 @@ class NotCancelled(NamedTuple):
     id: int
 
 
-Message = Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequest | StatusReply | Stats | Cancel | Bye | NotCancelled
+Message = (
+    Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequest | StatusReply | Stats | Cancel | Bye
+    | NotCancelled
+)
 
 #: Wire kind of each message type, and the type of each field (checked on decode).
 _SPEC: dict[type, tuple[int, tuple[frozenset[Any], ...]]] = {

@@ -1,0 +1,297 @@
+"""One Client for every caller: OS threads, greenlets, asyncio, concurrent.futures.
+
+The test process is not monkey-patched, so the client runs its network loop in a thread
+of its own; one test runs a monkey-patched program in a subprocess for the other mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+
+import gevent
+import pytest
+
+from argon import Client, Deferred, TaskCancelled, TaskTimeout
+from argon.client import parse_addresses
+
+from conftest import Network, child_env, wait_for
+
+
+def _tasks():
+    import time as _time
+
+    def nap(value, seconds):
+        _time.sleep(seconds)
+        return value
+
+    def square(x):
+        return x * x
+
+    def boom(message):
+        raise ValueError(message)
+
+    return nap, square, boom
+
+
+nap, square, boom = _tasks()
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Network, str]]:
+    """A manager with one 2-process worker, shared by this module's tests."""
+    net = Network(tmp_path_factory.mktemp("any-caller"))
+    try:
+        manager = net.manager()
+        net.worker(manager, processes=2)
+        with Client(manager.address) as client:
+            net.wait_workers(client, 1)
+        yield net, manager.address
+    finally:
+        net.close()
+
+
+@pytest.fixture
+def client(network: tuple[Network, str]) -> Iterator[Client]:
+    with Client(network[1]) as c:
+        yield c
+
+
+@pytest.mark.timeout(60)
+def test_sixteen_threads_share_one_client(client):
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            results[n] = [client.queue(square, [n * 100 + i]) for i in range(50)]
+        except BaseException as exc:
+            errors.append(exc)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    assert results == {n: [(n * 100 + i) ** 2 for i in range(50)] for n in range(16)}
+    assert time.monotonic() - started < 20  # 800 round trips: seconds, not a hang
+
+
+@pytest.mark.timeout(60)
+def test_thread_pool_executor_submitting_queue(client):
+    # The 0.1.0 failure: LoopExit from a plain ThreadPoolExecutor.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client.queue, square, [i]) for i in range(200)]
+        assert [f.result(30) for f in futures] == [i * i for i in range(200)]
+
+
+@pytest.mark.timeout(60)
+def test_defer_overlaps_local_cpu_work(client):
+    started = time.monotonic()
+    deferred = client.defer(nap, [7, 1.0])
+    spin_until = time.monotonic() + 1.1
+    count = 0
+    while time.monotonic() < spin_until:  # local CPU work, never yielding to gevent
+        count += 1
+    assert deferred(timeout=10) == 7
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.8, f"the remote second did not overlap the local one: {elapsed:.2f}s"
+
+
+@pytest.mark.timeout(60)
+def test_greenlets_block_only_themselves(client):
+    ticks = []
+
+    def ticker() -> None:
+        while len(ticks) < 1000:
+            ticks.append(time.monotonic())
+            gevent.sleep(0.01)
+
+    tick = gevent.spawn(ticker)
+    try:
+        waiters = [gevent.spawn(client.queue, nap, [i, 0.5]) for i in range(4)]
+        gevent.joinall(waiters, timeout=20, raise_error=True)
+        assert [g.value for g in waiters] == [0, 1, 2, 3]
+        assert len(ticks) >= 20, "the other greenlet was blocked while the calls waited"
+    finally:
+        tick.kill()
+
+
+@pytest.mark.timeout(60)
+def test_asyncio_gather_keeps_the_loop_running(client):
+    async def main() -> tuple[list[int], float]:
+        stalls = []
+
+        async def ticker(stop: asyncio.Event) -> None:
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                stalls.append(now - last)
+                last = now
+
+        stop = asyncio.Event()
+        tick = asyncio.create_task(ticker(stop))
+        results = await asyncio.gather(*(client.submit(nap, i, 0.01) for i in range(200)))
+        stop.set()
+        await tick
+        return results, max(stalls)
+
+    results, worst = asyncio.run(main())
+    assert results == list(range(200))
+    assert worst < 0.25, f"the event loop stalled for {worst:.3f}s"
+
+
+@pytest.mark.timeout(60)
+def test_deferred_is_a_future(client):
+    deferred = client.submit(square, 12)
+    assert isinstance(deferred, concurrent.futures.Future)
+    assert isinstance(deferred, Deferred)
+    seen = []
+    deferred.add_done_callback(lambda f: seen.append(f.result()))
+    assert deferred.result(timeout=10) == 144
+    assert deferred() == 144 and deferred.done() and not deferred.running() and not deferred.cancelled()
+    assert deferred.exception() is None
+    wait_for(lambda: seen == [144], what="the done callback")
+    late = []
+    deferred.add_done_callback(lambda f: late.append(f.result()))  # already done: called at once
+    assert late == [144]
+
+    failing = client.submit(boom, "no")
+    assert isinstance(failing.exception(timeout=10), ValueError)
+    with pytest.raises(ValueError, match="no"):
+        failing.result()
+
+    batch = [client.submit(nap, i, 0.3 - i * 0.1) for i in range(3)]
+    order = [f.result() for f in concurrent.futures.as_completed(batch, timeout=10)]
+    assert sorted(order) == [0, 1, 2]
+    done, not_done = concurrent.futures.wait(batch, timeout=10)
+    assert done == set(batch) and not not_done
+
+
+@pytest.mark.timeout(60)
+def test_wait_timeout_is_a_timeout_error_and_the_task_goes_on(client):
+    deferred = client.defer(nap, [5, 1.0])
+    with pytest.raises(TimeoutError):
+        deferred.result(timeout=0.05)
+    with pytest.raises(concurrent.futures.TimeoutError):
+        deferred(timeout=0.05)
+    assert deferred.running()
+    assert deferred(timeout=10) == 5
+
+
+@pytest.mark.timeout(60)
+def test_cancel_before_start_and_after(client):
+    blockers = [client.defer(nap, [i, 1.5]) for i in range(2)]  # both processes busy
+    wait_for(lambda: client.status()["busy"] == 2, what="both processes to be busy")
+    queued = client.defer(nap, ["never", 0.0])
+    wait_for(lambda: client.status()["queued"] == 1, what="the third task to queue")
+    assert queued.cancel() is True
+    assert queued.cancelled() and queued.done()
+    with pytest.raises(concurrent.futures.CancelledError):
+        queued.result()
+    with pytest.raises(TaskCancelled):
+        queued()
+    assert blockers[0].cancel() is False  # running: it finishes anyway
+    assert [b(timeout=10) for b in blockers] == [0, 1]
+    assert blockers[0].cancel() is False  # done
+
+
+@pytest.mark.timeout(60)
+def test_cancel_in_concurrent_futures_wait(client):
+    blockers = [client.defer(nap, [i, 1.0]) for i in range(2)]
+    wait_for(lambda: client.status()["busy"] == 2, what="both processes to be busy")
+    queued = client.defer(nap, [9, 0.0])
+    wait_for(lambda: client.status()["queued"] == 1, what="the task to queue")
+    assert queued.cancel()
+    done, _ = concurrent.futures.wait([queued], timeout=5)
+    assert done == {queued}  # a cancelled Deferred counts as done for wait()
+    assert [b(timeout=10) for b in blockers] == [0, 1]
+
+
+@pytest.mark.timeout(60)
+def test_as_completed_leaves_no_callbacks_behind(client):
+    deferreds = [client.defer(nap, [i, 0.05 * i]) for i in range(6)]
+    for first in client.as_completed(deferreds, timeout=10):
+        assert first.done()
+        break
+    for deferred in deferreds:
+        assert not deferred._done_callbacks
+    assert [d(timeout=10) for d in deferreds] == list(range(6))
+
+
+@pytest.mark.timeout(60)
+def test_time_limit_and_the_deprecated_timeout(client):
+    with pytest.raises(TaskTimeout, match=r"time limit|killed|exceeded|limit"):
+        client.queue(nap, [1, 30.0], time_limit=0.5)
+    with pytest.warns(DeprecationWarning, match="time_limit"):
+        assert client.queue(nap, [2, 0.0], timeout=5) == 2
+    assert client.defer(nap, [3, 0.0], time_limit=5)(timeout=10) == 3
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_is_refused_cleanly(client):
+    with pytest.raises(Exception) as info:
+        client.defer(square, [(i for i in range(3))])  # neither pickle nor dill takes a generator
+    assert "generator" in str(info.value).lower()
+    assert client.queue(square, [3]) == 9  # nothing else disturbed
+
+
+@pytest.mark.timeout(60)
+def test_calls_after_close_fail_clearly(network):
+    client = Client(network[1])
+    client.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        client.defer(square, [1])
+    with pytest.raises(ConnectionError, match="closed"):
+        client.status()
+
+
+@pytest.mark.timeout(60)
+def test_client_address_forms(network):
+    host, port = network[1].rsplit(":", 1)
+    for form in (network[1], [network[1]], {"host": host, "port": int(port)}):
+        with Client(**form) if isinstance(form, dict) else Client(form) as c:
+            assert c.queue(square, [4]) == 16
+    assert parse_addresses("a:1,b:2") == [("a", 1), ("b", 2)]
+    assert parse_addresses("[::1]:9", 5) == [("::1", 9)]
+    assert parse_addresses("h", 7) == [("h", 7)]
+    with pytest.raises(ValueError):
+        parse_addresses("a:x")
+
+
+@pytest.mark.timeout(90)
+def test_a_monkey_patched_program_keeps_the_client_on_its_hub(network, tmp_path):
+    script = tmp_path / "patched.py"
+    script.write_text(textwrap.dedent(f"""
+        from gevent import monkey; monkey.patch_all()
+        import threading, concurrent.futures
+        from argon import Client
+        with Client({network[1]!r}) as client:
+            assert client._loop.thread is None, "patched: no thread of its own"
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                out = list(pool.map(lambda i: client.queue(lambda x: x + 1, [i]), range(40)))
+            print(sum(out), threading.active_count())
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=child_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == str(sum(range(1, 41)))
+
+
+@pytest.mark.timeout(60)
+def test_unpatched_client_runs_its_loop_in_a_thread_and_stops_it(network):
+    before = threading.active_count()
+    client = Client(network[1])
+    assert client._loop.thread is not None and client._loop.thread.daemon
+    assert client.queue(square, [5]) == 25
+    client.close()
+    assert not client._loop.thread.is_alive()
+    assert threading.active_count() == before
