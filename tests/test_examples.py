@@ -370,3 +370,66 @@ def test_example_with_connect_and_key_file(net, key):
 
     _, err = run_example("canonical_queue.py", "--connect", manager.address, ok=False)  # no key: refused
     assert "AuthenticationError" in err, err
+
+
+# -- using Argon from any Python code (docs/using.md) -------------------------------------------
+
+
+def _number(pattern: str, out: str) -> list[str]:
+    match = re.search(pattern, out, re.M)
+    assert match, f"no line matching {pattern!r} in:\n{out}"
+    return list(match.groups())
+
+
+def test_from_threads():
+    out, _ = run_example("from_threads.py", "--threads", "6", "--calls", "20")
+    total, expected = _number(r"^6 threads x 20 queue\(\) calls: sum of squares = (\d+)\nexpected (\d+);", out)
+    assert total == expected == str(sum(i * i for i in range(120)))
+    (overlap,) = _number(r"^1s of remote sleep overlapped 1s of local work: ([\d.]+)s in all$", out)
+    assert float(overlap) < 1.8, out
+
+
+def test_from_asyncio():
+    out, _ = run_example("from_asyncio.py", "--tasks", "100")
+    pattern = r"of 100 tasks: sum = (\d+)\nexpected (\d+); longest event-loop stall ([\d.]+) ms"
+    total, expected, stall = _number(pattern, out)
+    assert total == expected == str(sum(range(1, 101)))
+    assert float(stall) < 250, out
+
+
+def test_from_gevent():
+    out, _ = run_example("from_gevent.py", "--greenlets", "50")
+    total, expected = _number(r"^50 greenlets, one client: sum = (\d+) \(expected (\d+)\)$", out)
+    assert total == expected == str(3 * sum(range(50)))
+    assert "client on the program's hub: True" in out
+
+
+def test_executor_map():
+    out, _ = run_example("executor_map.py", "--items", "5000")
+    assert "executor.submit(pow, 2, 100).result() = 1267650600228229401496703205376" in out, out
+    assert re.search(r"^primes below 5000: 669 \(map, chunksize=64, [\d.]+s\)$", out, re.M), out
+    assert "concurrent.futures.wait: 3 of 3 done; 10! = 3628800" in out, out
+
+
+def test_pool_map():
+    out, _ = run_example("pool_map.py")
+    assert "the longest Collatz chain below 10001 starts at 6171 (261 steps)" in out, out
+    assert "pool.starmap(pow, [(2, 10), (3, 4)]) = [1024, 81]" in out, out
+    assert "pool.apply_async(sum, ([1, 2, 3],)).get() = 6" in out, out
+    assert "first three of pool.imap: [111, 118, 178]" in out, out
+
+
+def test_joblib_sklearn():
+    pytest.importorskip("sklearn")
+    out, _ = run_example("joblib_sklearn.py")
+    assert f"over 10000 calls: sum of squares = {sum(i * i for i in range(10_000))}" in out, out
+    (accuracy,) = _number(r"n_jobs=-1\): mean accuracy ([\d.]+)$", out)
+    assert float(accuracy) > 0.8, out
+
+
+@pytest.mark.parametrize("name", ["from_threads.py", "executor_map.py", "pool_map.py"])
+def test_any_caller_example_with_connect(net, name):
+    manager, _, client = net.cluster(workers=1, processes=2)
+    out, _ = run_example(name, "--connect", manager.address)
+    assert "started a local network" not in out
+    assert client.status()["completed"] > 0  # the tasks ran on this network
