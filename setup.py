@@ -28,7 +28,16 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "tqdm>=4.60", "prometheus_client>=0.17"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2.1",
+            "hypothesis>=6",
+            "tqdm>=4.60",
+            "prometheus_client>=0.17",
+            "joblib>=1.3",
+            "scikit-learn>=1.3",
+        ],
+        "joblib": ["joblib>=1.3"],
         "lint": ["ruff>=0.5", "mypy>=1.8"],
         "progress": ["tqdm>=4.60"],
         "metrics": ["prometheus_client>=0.17"],

@@ -20,7 +20,7 @@ unanswered tasks are sent again through another live one, or through the same on
 is back (the client reconnects on its own); tasks that cannot be re-sent within
 ``reconnect_deadline`` seconds fail with :class:`~argon.errors.ConnectionLost`. Delivery
 is at least once: a late answer to a task already answered is dropped (and counted in
-:attr:`Client.duplicates`). A rejected task (the server's queue was full) is re-sent
+``Client.duplicates``). A rejected task (the server's queue was full) is re-sent
 after a growing, jittered delay, up to ``retries`` times, then fails with
 :class:`~argon.errors.TaskRejected`.
 """

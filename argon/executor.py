@@ -87,7 +87,7 @@ class Executor(concurrent.futures.Executor):
         key: The shared key, as for :class:`~argon.client.Client`.
         key_file: A key file, as for :class:`~argon.client.Client`.
         time_limit: Seconds each task may run on its worker (None: no limit).
-        client: Use this existing client instead (see :meth:`Client.executor`); it is not
+        client: Use this existing client instead (see ``Client.executor()``); it is not
             closed by :meth:`shutdown`.
         options: More :class:`~argon.client.Client` options (``retries``, ``tls``...).
 
@@ -128,7 +128,7 @@ class Executor(concurrent.futures.Executor):
         return f"<argon.Executor {self.client.host}:{self.client.port} {state}>"
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Deferred:
-        """Schedule ``fn(*args, **kwargs)``; return its future (a :class:`Deferred`).
+        """Schedule ``fn(*args, **kwargs)``; return its future (a :class:`~argon.deferred.Deferred`).
 
         Raises:
             RuntimeError: The executor was shut down.

@@ -374,7 +374,7 @@ class Pool:
         callback: Callable[[Any], Any] | None = None,
         error_callback: Callable[[BaseException], Any] | None = None,
     ) -> MapResult:
-        """Like :meth:`map`, returning a :class:`MapResult` at once."""
+        """Like :meth:`map`, returning an :class:`ApplyResult` at once."""
         return self._map_async(func, iterable, chunksize, callback, error_callback, star=False)
 
     def starmap(
@@ -391,14 +391,14 @@ class Pool:
         callback: Callable[[Any], Any] | None = None,
         error_callback: Callable[[BaseException], Any] | None = None,
     ) -> MapResult:
-        """Like :meth:`starmap`, returning a :class:`MapResult` at once."""
+        """Like :meth:`starmap`, returning an :class:`ApplyResult` at once."""
         return self._map_async(func, map(tuple, iterable), chunksize, callback, error_callback, star=True)
 
-    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
+    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> Iterator[Any]:
         """Results of ``func`` over ``iterable`` in order, as they come; the input is read lazily."""
         return self._imap(func, iterable, chunksize, ordered=True)
 
-    def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
+    def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> Iterator[Any]:
         """Like :meth:`imap`, but each result as soon as it is ready, in any order."""
         return self._imap(func, iterable, chunksize, ordered=False)
 

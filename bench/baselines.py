@@ -4,8 +4,9 @@ PEER is ``pool`` (multiprocessing.Pool(2)), ``ppe`` (ProcessPoolExecutor(2)), ``
 (a LocalCluster of 2 single-threaded worker processes), ``ray`` (num_cpus=2) or ``celery``
 (a Celery worker of 2 prefork processes, started by the caller, on the Redis at
 ``BENCH_REDIS_URL``). MODE is ``throughput`` (N trivial tasks submitted at once, then
-collected), ``latency`` (N sequential round trips) or ``payload`` (N echo tasks of SIZE
-bytes each way). The result is printed as one line: ``RESULT {json}``; a peer that is
+collected), ``latency`` (N sequential round trips), ``payload`` (N echo tasks of SIZE
+bytes each way) or ``map`` (``ProcessPoolExecutor(2).map`` of N items with chunksize SIZE;
+``ppe`` only). The result is printed as one line: ``RESULT {json}``; a peer that is
 not installed prints ``{"skipped": "not installed: NAME"}``.
 
 This module imports neither gevent nor argon, so each baseline runs in a clean process.
@@ -69,6 +70,11 @@ def _measure(mode: str, count: int, size: int, peer: Peer) -> dict[str, Any]:
     """Run MODE on ``peer``."""
     if mode == "latency":
         return {"latencies": _latencies(lambda i: peer.get(peer.submit(noop, i)), count)}
+    if mode == "map":  # ProcessPoolExecutor.map with chunksize=SIZE
+        with ProcessPoolExecutor(PROCESSES, mp_context=multiprocessing.get_context("fork")) as ex:
+            list(ex.map(noop, range(WARMUP), chunksize=size or 1))
+            elapsed = _timed(lambda: list(ex.map(noop, range(count), chunksize=size or 1)))
+        return {"items": count, "seconds": elapsed, "rate": count / elapsed}
     if mode == "throughput":
         peer.batch(noop, list(range(WARMUP)))
         elapsed = _timed(lambda: peer.batch(noop, list(range(count))))

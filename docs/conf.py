@@ -49,7 +49,7 @@ autodoc_preserve_defaults = True
 # which are not part of this site (there is no network access for intersphinx).
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(ssl|os|collections\.abc|typing|gevent|types)\..*"),
+    (r"py:.*", r"(ssl|os|collections\.abc|typing|gevent|types|concurrent\.futures|multiprocessing|asyncio|joblib)\..*"),
     (r"py:.*", r"(Any|Callable|Iterable|Iterator|Exception|BaseException|TimeoutError|ConnectionError)"),
 ]
 
