@@ -86,7 +86,8 @@ def run(quick: bool) -> dict[str, Any]:
         "ppe_map_per_s": ppe_rate,
     }
     rows = [
-        ["queue() round trip, median", f"{common.fmt(thread['median_us'])} µs", f"{common.fmt(greenlet['median_us'])} µs",
+        ["queue() round trip, median", f"{common.fmt(thread['median_us'])} µs",
+         f"{common.fmt(greenlet['median_us'])} µs",
          common.fmt_ratio(common.ratio(thread["median_us"], greenlet["median_us"]))],
         ["queue() round trip, p99", f"{common.fmt(thread['p99_us'])} µs", f"{common.fmt(greenlet['p99_us'])} µs",
          common.fmt_ratio(common.ratio(thread["p99_us"], greenlet["p99_us"]))],
