@@ -55,6 +55,7 @@ from argon.errors import (
     ConnectionLost,
     MessageTooLarge,
     ProtocolError,
+    ShuttingDown,
     TaskTimeout,
 )
 from argon.protocol import Bye, Cancel, Failure, Message, NotCancelled, Result, StatusReply, StatusRequest, Task
@@ -580,7 +581,7 @@ class Client:
 
     def _submit_status(self, deferred: Deferred) -> None:
         if not any(link.up for link in self._links):
-            deferred.deliver(ConnectionLost("no server is connected (it may be shutting down)"))
+            deferred.deliver(ShuttingDown("no server is connected: it is shutting down or unreachable"))
             return
         self._submit(deferred)
 
@@ -642,9 +643,10 @@ class Client:
         elif isinstance(msg, Bye):
             log.info("server %s:%d says: %s", link.host, link.port, msg.reason)
             link.up = False  # new tasks go elsewhere, or wait for the next connection
+            error = TASK_ERRORS.get(msg.error, ShuttingDown)
             for deferred in list(link.held.values()):
-                if type(deferred.msg) is StatusRequest:
-                    self._finish(deferred.id, ConnectionLost(f"{link.host}:{link.port} is shutting down"))
+                if type(deferred.msg) is StatusRequest:  # tasks stay: a stopping server drains them
+                    self._finish(deferred.id, error(f"{link.host}:{link.port}: {msg.reason}"))
         else:
             raise ProtocolError(f"a server may not send {type(msg).__name__} to a client")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,7 +20,7 @@ from collections.abc import Iterator
 import gevent
 import pytest
 
-from argon import Client, Deferred, TaskCancelled, TaskTimeout
+from argon import Client, Deferred, ShuttingDown, TaskCancelled, TaskTimeout, defaults
 from argon.client import parse_addresses
 
 from conftest import Network, child_env, wait_for
@@ -295,3 +297,45 @@ def test_unpatched_client_runs_its_loop_in_a_thread_and_stops_it(network):
     client.close()
     assert not client._loop.thread.is_alive()
     assert threading.active_count() == before
+
+
+# -- the client's side of hardening (issue "Hardening": refusals and silent waits) --------------
+
+
+@pytest.mark.timeout(60)
+def test_status_after_the_servers_goodbye_fails_at_once(tmp_path):
+    net = Network(tmp_path)
+    try:
+        manager = net.manager("--grace", "20")
+        net.worker(manager, processes=1)
+        client = net.client(manager)
+        net.wait_workers(client, 1)
+        running = client.defer(nap, [1, 3.0])  # keeps the manager draining after SIGTERM
+        wait_for(lambda: client.status()["busy"] == 1, what="the task to start")
+        manager.signal(signal.SIGTERM)
+        wait_for(lambda: not client._links[0].up, 10, what="the manager's goodbye")
+        started = time.monotonic()
+        with pytest.raises(ShuttingDown):
+            client.status()
+        assert time.monotonic() - started < 1.0
+        assert running(timeout=20) == 1  # a draining manager still delivers what it holds
+    finally:
+        net.close()
+
+
+@pytest.mark.timeout(60)
+def test_client_warns_when_tasks_wait_at_a_server_without_workers(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(defaults, "WAIT_CHECK", 0.2)
+    monkeypatch.setattr(defaults, "WAIT_WARNING", 0.5)
+    net = Network(tmp_path)
+    try:
+        manager = net.manager()
+        client = net.client(manager)
+        with caplog.at_level(logging.WARNING, logger="argon.client"):
+            deferred = client.defer(square, [3])
+            wait_for(lambda: "no workers registered" in caplog.text, 10, what="the client's warning")
+        assert "1 tasks have waited" in caplog.text and manager.address in caplog.text
+        net.worker(manager, processes=1)
+        assert deferred(timeout=20) == 9  # the task was waiting, not lost
+    finally:
+        net.close()
