@@ -84,7 +84,7 @@ from argon.metrics import serve_metrics
 from argon.osutil import die_with_parent
 from argon.security import client_tls, load_key_file, server_tls, write_key_file
 from argon.server import Server, ServerConfig
-from argon.status import render
+from argon.status import combine, render, render_network
 from argon.worker import Worker, WorkerConfig
 
 log = logging.getLogger("argon")
@@ -317,24 +317,61 @@ def _serve(args: dict[str, Any]) -> int:
 
 
 def _status(args: dict[str, Any]) -> int:
-    """``argon status``: one table (or JSON), or a refreshing one with --watch."""
-    host, port = _address(args["HOST:PORT"], "status")
+    """``argon status``: one table (or JSON), or a refreshing one with --watch.
+
+    Given several managers (``h1:p1,h2:p2``) it shows each one, and network totals; a
+    manager that does not answer is shown as down.
+    """
+    addresses = [_address(part, "status") for part in args["HOST:PORT"].split(",")]
     watch = _number(args, "--watch", float, 0.1)
     tls = client_tls(args["--tls-ca"]) if args["--tls-ca"] else None
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
-    with argon.Client(host, port, key_file=args["--key"], tls=tls, retries=0) as client:
+    clients: dict[tuple[str, int], argon.Client] = {}
+    try:
         while not stop.is_set():
-            status = client.status()
-            text = json.dumps(status, indent=2, sort_keys=True) if args["--json"] else render(status)
+            if len(addresses) == 1:
+                status = _one_status(clients, addresses[0], args["--key"], tls)
+            else:
+                status = combine([_ask(clients, address, args["--key"], tls) for address in addresses])
+            if args["--json"]:
+                text = json.dumps(status, indent=2, sort_keys=True)
+            else:
+                text = render(status) if len(addresses) == 1 else render_network(status)
             if watch:
                 sys.stdout.write("\x1b[H\x1b[2J")  # cursor home, clear screen: refresh in place
             print(text, flush=True)
             if not watch:
                 break
             stop.wait(watch)
+    finally:
+        for client in clients.values():
+            client.close()
     return 0
+
+
+def _one_status(
+    clients: dict[tuple[str, int], Any], address: tuple[str, int], key_file: str | None, tls: Any
+) -> dict[str, Any]:
+    """One server's status (errors propagate: with one server there is nothing else to show)."""
+    if address not in clients:
+        clients[address] = argon.Client(*address, key_file=key_file, tls=tls, retries=0)
+    return clients[address].status()  # type: ignore[no-any-return]
+
+
+def _ask(
+    clients: dict[tuple[str, int], Any], address: tuple[str, int], key_file: str | None, tls: Any
+) -> tuple[str, dict[str, Any] | None, str]:
+    """``(address, status, "")`` from one of several managers, or ``(address, None, why)``."""
+    name = f"{address[0]}:{address[1]}"
+    try:
+        return name, _one_status(clients, address, key_file, tls), ""
+    except argon.ArgonError as exc:
+        client = clients.pop(address, None)
+        if client is not None:
+            client.close()
+        return name, None, f"{type(exc).__name__}: {exc}"
 
 
 def _local(args: dict[str, Any]) -> int:
