@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import sys
 import traceback
 import types
 import weakref
@@ -163,6 +164,17 @@ def _captures(func: types.FunctionType, seen: list[Any], depth: int) -> bool:
     return True
 
 
+def _importable(func: types.FunctionType) -> bool:
+    """Whether ``func`` is what its module's attribute of its name is (so pickled by reference)."""
+    module = sys.modules.get(func.__module__)
+    if module is None or func.__module__ == "__main__" or "<" in func.__qualname__:
+        return False
+    found: Any = module
+    for part in func.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is func
+
+
 class FunctionCache:
     """Remembers the serialized form of functions whose captured state cannot have changed.
 
@@ -175,11 +187,20 @@ class FunctionCache:
 
     def __init__(self) -> None:
         self._entries: weakref.WeakKeyDictionary[types.CodeType, tuple[list[Any], bytes]] = weakref.WeakKeyDictionary()
+        self._by_name: weakref.WeakKeyDictionary[types.FunctionType, bytes] = weakref.WeakKeyDictionary()
 
     def dumps(self, func: Callable[..., Any]) -> bytes:
         """Serialize ``func``, reusing earlier bytes when that is safe."""
         if not isinstance(func, types.FunctionType):
             return dumps_function(func)
+        data = self._by_name.get(func)
+        if data is not None and _importable(func):
+            return data
+        if _importable(func):
+            # Sent by reference (module and name): its bytes cannot depend on anything it uses.
+            data = pickle.dumps(func, protocol=pickle.HIGHEST_PROTOCOL)
+            self._by_name[func] = data
+            return data
         seen: list[Any] = [func.__globals__]
         if not _captures(func, seen, 0):
             return dumps_function(func)

@@ -478,3 +478,12 @@ def test_loaded_functions_evicts_the_oldest_beyond_its_size(load_calls):
     assert reloaded is not loaded[0]
     assert reloaded(0) == 0
     assert len(load_calls) == 4
+
+
+def test_an_importable_function_is_sent_by_reference_once(dill_calls):
+    cache = FunctionCache()
+    first = cache.dumps(textwrap.dedent)
+    assert cache.dumps(textwrap.dedent) is first  # cached: no check of what it uses, no dill
+    assert not dill_calls
+    assert b"textwrap" in first and b"dedent" in first and len(first) < 100  # a reference, not code
+    assert loads(first) is textwrap.dedent
