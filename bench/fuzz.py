@@ -558,7 +558,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             fuzzer.note("task failure", "the checking client's tasks did not finish within 180 s")
         crashed += [s.name for s in servers if not s.alive() and s.name not in crashed]
         if not crashed:
-            assert client.queue(lambda: "still serving", timeout=60) == "still serving"
+            assert client.queue(lambda: "still serving", time_limit=60) == "still serving"
         manager_log, worker_log = manager.log(tail=None), worker.log(tail=None)
         counts = fuzzer.counts
         record = {

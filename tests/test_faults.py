@@ -111,7 +111,7 @@ def test_pending_tasks_fail_with_connection_lost_when_the_manager_stays_away(net
         deferred(timeout=30)
     assert time.monotonic() - started < 10
     with pytest.raises(ConnectionLost):
-        client.queue(lambda: 1, timeout=None)  # new work fails too, after the same deadline
+        client.queue(lambda: 1)  # new work fails too, after the same deadline
 
 
 def test_client_cannot_connect_gives_connection_lost():
@@ -163,10 +163,10 @@ def test_task_time_limit_kills_the_process(net):
     pid = client.queue(os.getpid)
     started = time.monotonic()
     with pytest.raises(TaskTimeout, match="time limit"):
-        client.queue(slow_echo, [1, 30.0], timeout=0.5)
+        client.queue(slow_echo, [1, 30.0], time_limit=0.5)
     assert time.monotonic() - started < 15
     assert client.queue(os.getpid) != pid  # the overdue process was replaced
-    assert client.queue(slow_echo, [3, 0.1], timeout=5) == 3
+    assert client.queue(slow_echo, [3, 0.1], time_limit=5) == 3
 
 
 def test_max_requests_recycles_without_losing_tasks(net, tmp_path):
@@ -187,7 +187,7 @@ def test_max_requests_recycles_without_losing_tasks(net, tmp_path):
 def test_task_that_keeps_killing_workers_fails_with_worker_lost(net):
     _manager, workers, client = net.cluster(workers=3, processes=1)
     with pytest.raises(WorkerLost, match="lost 3 times"):
-        client.queue(kill_my_worker, timeout=None)
+        client.queue(kill_my_worker)
     assert sum(1 for w in workers if w.alive()) == 0
     assert client.status()["redelivered"] == 2
 

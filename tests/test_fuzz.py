@@ -773,7 +773,7 @@ def test_a_task_timeout_never_fails_the_next_task_on_the_same_process(net):
     deadline = time.monotonic() + 10
     checked = 0
     while time.monotonic() < deadline:
-        timed = [hasty.defer(nothing, timeout=rng.uniform(0.0002, 0.003)) for _ in range(5)]
+        timed = [hasty.defer(nothing, time_limit=rng.uniform(0.0002, 0.003)) for _ in range(5)]
         plain = [innocent.defer(same, [i]) for i in range(5)]
         for deferred in timed:
             with contextlib.suppress(TaskTimeout):  # its own time limit: either outcome is right
