@@ -45,6 +45,9 @@ Options:
   --handshake-timeout SECONDS
                         Close a connection that has not finished the handshake
                         (key proof and hello) in this time (default: 5).
+  --worker-wait SECONDS
+                        Manager: fail queued tasks with NoWorkers once no worker
+                        has been registered for this long (default: 60).
   --metrics-port PORT   Serve Prometheus metrics on this port at /metrics
                         (on --host; 0 picks one; default: off).
   --nodes N             local: worker nodes to start (default: 1).
@@ -103,6 +106,7 @@ _OPTIONS = (
     "--max-items",
     "--max-connections",
     "--handshake-timeout",
+    "--worker-wait",
     "--tls-cert",
     "--tls-key",
     "--tls-ca",
@@ -182,6 +186,7 @@ def build_config(args: dict[str, Any]) -> ServerConfig:
         ("--max-items", "max_items", int, 16),
         ("--max-connections", "max_connections", int, 1),
         ("--handshake-timeout", "handshake_timeout", float, 0.1),
+        ("--worker-wait", "worker_wait", float, 0),
     ):
         value = _number(args, option, kind, minimum)
         if value is not None:
@@ -195,10 +200,17 @@ def build_config(args: dict[str, Any]) -> ServerConfig:
     return WorkerConfig(
         **common,
         manager=_address(args["--manager"]) if args["--manager"] else None,
-        workers=_number(args, "--workers", int, 1),
+        workers=_workers(args),
         max_requests=_number(args, "--max-requests", int, 1),
         manager_tls=client_tls(args["--tls-ca"]) if args["--tls-ca"] else None,
     )
+
+
+def _workers(args: dict[str, Any]) -> int | None:
+    workers: int | None = _number(args, "--workers", int, 1)
+    if workers is not None and workers > defaults.MAX_CAPACITY:
+        raise UsageError(f"--workers must be at most {defaults.MAX_CAPACITY}, got {workers}")
+    return workers
 
 
 def _usage_problem(argv: list[str]) -> str:
@@ -302,6 +314,11 @@ def _serve(args: dict[str, Any]) -> int:
     try:
         server.start()
         metrics = serve_metrics(server, config.host, metrics_port) if metrics_port is not None else None
+    except ArgonError as exc:  # a pool that would not start
+        print(f"argon {server.role}: cannot start: {exc}", file=sys.stderr)
+        if isinstance(server, Worker):
+            server.pool.close()
+        return 1
     except (OSError, ImportError) as exc:
         why = getattr(exc, "strerror", None) or exc
         print(f"argon {server.role}: cannot start on {config.host}: {why}", file=sys.stderr)
@@ -313,6 +330,10 @@ def _serve(args: dict[str, Any]) -> int:
     if metrics is not None:
         print(f"argon {server.role} metrics on http://{config.host}:{metrics.server_port}/metrics", flush=True)
     server.serve_forever()
+    failure = getattr(server, "failure", None)
+    if failure:
+        print(f"argon {server.role}: stopped: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -41,8 +41,32 @@ CONNECT_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 5.0
 """Seconds a server waits for a new connection to finish its handshake."""
 
+RETRY_JITTER = 0.25
+"""Fraction by which each retry delay is varied either way, so clients do not retry in step."""
+
+RECONNECT_DELAY = 0.1
+"""First delay (seconds) before a worker or client tries to reach a lost peer again."""
+
+RECONNECT_BACKOFF = 2.0
+"""Factor each further reconnection delay grows by."""
+
 RECONNECT_MAX_DELAY = 2.0
 """Upper bound (seconds) between a worker's or client's reconnection attempts."""
+
+BACKOFF_JITTER = 0.2
+"""Fraction by which each reconnection delay is varied either way (0.2: 80% to 120%)."""
+
+POOL_START_DELAY = 0.1
+"""First delay (seconds) before trying again to start a pool process that failed to start."""
+
+POOL_START_BACKOFF = 2.0
+"""Factor each further pool-process start delay grows by."""
+
+POOL_START_MAX_DELAY = 5.0
+"""Upper bound (seconds) between attempts to start a pool process."""
+
+POOL_START_ATTEMPTS = 8
+"""Retries to start a pool process before the worker reports its pool broken and stops."""
 
 RECONNECT_DEADLINE = 30.0
 """Seconds a client waits for a lost connection to come back before failing its tasks."""
@@ -55,6 +79,10 @@ MAX_RESENDS = 5
 
 GRACE = 30.0
 """Seconds a stopping worker or manager waits for running tasks before exiting anyway."""
+
+DRAIN_ACK_TIMEOUT = 2.0
+"""Seconds a draining worker, once idle, waits for its manager to confirm it routes it nothing
+more (it hands back any task that crossed its goodbye)."""
 
 STATUS_TIMEOUT = 10.0
 """Seconds a client waits for a status reply."""
@@ -76,6 +104,13 @@ MIN_HEARTBEAT = 0.05
 
 MIN_FRAME = 1024
 """Smallest frame limit a peer may announce (a smaller one could not carry a ping)."""
+
+MAX_CAPACITY = 10_000
+"""Most pool processes a worker may register with a manager (a guard against absurd claims)."""
+
+WORKER_WAIT = 60.0
+"""Seconds a manager keeps tasks queued while no worker is registered, before failing them
+with ``NoWorkers``."""
 
 MAX_CONNECTIONS = 1024
 """Connections a server holds open at once; further ones are closed at accept."""

@@ -14,7 +14,9 @@ The manager never deserializes task code or arguments: it forwards opaque bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from collections import deque
 from typing import Any
@@ -23,8 +25,8 @@ import gevent
 
 from argon import defaults
 from argon.connection import Connection
-from argon.errors import ConnectionLost, MessageTooLarge, ProtocolError
-from argon.protocol import Bye, Failure, Message, Ready, Register, Result, Stats, Task
+from argon.errors import ConnectionLost, MessageTooLarge, NoWorkers, ProtocolError
+from argon.protocol import Bye, Failure, Handback, Message, Ready, Register, Result, Stats, Task
 from argon.server import ClientLink, Server, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,26 @@ class WorkerLink:
         }
 
 
+#: Figures a worker's Stats may carry, each a finite number of at least zero.
+_STAT_NUMBERS = ("rss", "pool_rss", "replaced", "discarded", "uptime", "started")
+
+
+def _checked_stats(values: dict[str, Any], capacity: int) -> dict[str, Any]:
+    """A worker's Stats, checked: its figures are sane numbers, one process row per process at most.
+
+    Raises:
+        ProtocolError: A figure is out of range.
+    """
+    for name in _STAT_NUMBERS:
+        value = values.get(name, 0)
+        if type(value) not in (int, float) or not 0 <= value < math.inf:
+            raise ProtocolError(f"worker stats: {name} is {value!r:.40}")
+    processes = values.get("processes", [])
+    if type(processes) is not list or len(processes) > capacity or any(type(p) is not dict for p in processes):
+        raise ProtocolError(f"worker stats: process rows {processes!r:.40} for {capacity} processes")
+    return values
+
+
 class FreeSlots:
     """Workers with free processes, bucketed by how many of them are free.
 
@@ -167,6 +189,10 @@ class Manager(Server):
         self._free = FreeSlots()
         self._pending: deque[_Job] = deque()
         self._next_id = 0
+        self.handed_back = 0
+        # Since when no registered worker takes tasks (None: one does); see fail_unserved.
+        self._unserved_since: float | None = time.monotonic()
+        self._waiting: gevent.Greenlet | None = None
 
     # -- connections --------------------------------------------------------------------
 
@@ -190,15 +216,13 @@ class Manager(Server):
             elif link is None and isinstance(msg, Register):
                 link = self._register(conn, msg)
             elif link is not None and isinstance(msg, Ready):
-                if not link.draining:
-                    self._free.add(link, msg.free)
-                    self._pump()
+                self._ready(link, msg.free)
             elif link is not None and isinstance(msg, Stats):
-                link.stats = msg.values
+                link.stats = _checked_stats(msg.values, link.capacity)
             elif link is not None and isinstance(msg, Bye):
-                log.info("worker %s is draining: %s", link.id, msg.reason)
-                link.draining = True
-                self._free.remove(link)
+                self._draining(link, msg.reason)
+            elif link is not None and isinstance(msg, Handback):
+                self._handback(link, msg.ids)
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from worker {conn.peer}")
 
@@ -207,8 +231,12 @@ class Manager(Server):
             self._drop_worker(link, reason)
 
     def _register(self, conn: Connection, reg: Register) -> WorkerLink:
-        if reg.capacity < 1 or not 0 <= reg.free <= reg.capacity:
-            raise ProtocolError(f"bad registration: capacity {reg.capacity}, free {reg.free}")
+        if not 1 <= reg.capacity <= defaults.MAX_CAPACITY or not 0 <= reg.free <= reg.capacity:
+            raise ProtocolError(
+                f"bad registration: capacity {reg.capacity} (1 to {defaults.MAX_CAPACITY}), free {reg.free}"
+            )
+        if not 0 <= reg.port <= 65535 or reg.pid < 0 or not 0 < len(reg.id) <= 256 or len(reg.host) > 256:
+            raise ProtocolError(f"bad registration: id {reg.id[:40]!r}, host {reg.host[:40]!r}, port {reg.port}")
         old = self._workers.get(reg.id)
         if old is not None:
             old.conn.close("worker registered again on a new connection")
@@ -217,14 +245,57 @@ class Manager(Server):
         self._workers[link.id] = link
         self._free.add(link, reg.free)
         log.info("worker %s registered from %s with %d processes (%d free)", link.id, conn.peer, reg.capacity, reg.free)
+        self._workers_changed()
         self._pump()
         return link
+
+    def _ready(self, link: WorkerLink, count: int) -> None:
+        """``count`` more of the worker's processes are free (tasks of an earlier link finished)."""
+        # Never believe more free processes than the worker registered: an absurd claim
+        # would make the manager overcommit it (and allocate routing buckets for it).
+        if count < 1 or link.free + len(link.inflight) + count > link.capacity:
+            raise ProtocolError(
+                f"worker {link.id} claims {count} more free processes, but it has {link.capacity},"
+                f" of which {link.free} are free and {len(link.inflight)} are running tasks"
+            )
+        if not link.draining:
+            self._free.add(link, count)
+            self._pump()
+
+    def _draining(self, link: WorkerLink, reason: str) -> None:
+        """The worker said goodbye: route it nothing more, and tell it so."""
+        log.info("worker %s is draining: %s", link.id, reason)
+        link.draining = True
+        self._free.remove(link)
+        self._workers_changed()
+        # Everything routed to it before this goodbye is ahead of it on the link: once the
+        # worker reads this, it knows no further task can come (it hands back any that did).
+        with contextlib.suppress(ConnectionLost):
+            link.conn.send(Bye(f"manager {self.name} routes nothing more to worker {link.id}"))
+
+    def _handback(self, link: WorkerLink, ids: list[Any]) -> None:
+        """The worker returns tasks it will not run: queue them first, for another worker."""
+        held = link.inflight
+        if any(type(i) is not int or i not in held for i in ids) or len(set(ids)) != len(ids):
+            raise ProtocolError(f"worker {link.id} hands back tasks it does not hold: {ids!r:.60}")
+        jobs = [link.inflight.pop(job_id) for job_id in ids]
+        if not link.draining:
+            self._free.add(link, len(jobs))
+        for job in reversed(jobs):
+            job.worker = None
+            job.attempts -= 1  # it never ran
+            if job.wanted():
+                self._pending.appendleft(job)
+        self.handed_back += len(jobs)
+        log.info("worker %s handed back %d tasks it had not started", link.id, len(jobs))
+        self._pump()
 
     def _drop_worker(self, link: WorkerLink, reason: str) -> None:
         if self._workers.get(link.id) is not link:
             return
         del self._workers[link.id]
         self._free.remove(link)
+        self._workers_changed()
         jobs = list(link.inflight.values())
         link.inflight.clear()
         if link.draining and not jobs:
@@ -254,8 +325,60 @@ class Manager(Server):
 
     # -- routing ------------------------------------------------------------------------
 
+    def _workers_changed(self) -> None:
+        """Note when the manager is left without a worker that takes tasks (for ``--worker-wait``)."""
+        if any(not link.draining for link in self._workers.values()):
+            self._unserved_since = None
+        elif self._unserved_since is None:
+            self._unserved_since = time.monotonic()
+            self._arm_worker_wait()
+
+    def _arm_worker_wait(self) -> None:
+        """Make sure queued tasks are failed once ``--worker-wait`` passes without a worker."""
+        if self._unserved_since is not None and self._pending and self._waiting is None:
+            left = self._unserved_since + self.config.worker_wait - time.monotonic()
+            self._waiting = gevent.spawn_later(max(0.0, left), self.fail_unserved)
+
+    def fail_unserved(self, now: float | None = None) -> int:
+        """Fail every queued task with ``NoWorkers`` if no worker has taken tasks for ``--worker-wait``.
+
+        Args:
+            now: The monotonic time (for tests; default: now).
+
+        Returns:
+            How many tasks failed.
+        """
+        self._waiting = None
+        since = self._unserved_since
+        if since is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        if now - since < self.config.worker_wait:
+            self._arm_worker_wait()  # the manager lost its workers again since this was armed
+            return 0
+        jobs, self._pending = self._pending, deque()
+        why = self._no_workers(now - since)
+        for job in jobs:
+            if job.wanted():
+                self.failed += 1
+                job.client.reply(Failure(job.task.id, NoWorkers.__name__, why))
+        if jobs:
+            log.warning("failed %d queued tasks: %s", len(jobs), why)
+        return len(jobs)
+
+    def _no_workers(self, idle: float) -> str:
+        return (
+            f"manager {self.name} has had no worker for {idle:.0f}s (--worker-wait {self.config.worker_wait:g});"
+            " is a worker running, with the manager's address and the same key?"
+        )
+
     def submit(self, client: ClientLink, task: Task) -> None:
-        """Queue a client's task, or reject it when the queue is full."""
+        """Queue a client's task, or reject it when the queue is full (or fail it: no workers)."""
+        since = self._unserved_since
+        if since is not None and time.monotonic() - since >= self.config.worker_wait:
+            self.failed += 1
+            client.conn.send(Failure(task.id, NoWorkers.__name__, self._no_workers(time.monotonic() - since)))
+            return
         limit = self.config.queue_size
         if limit is not None and len(self._pending) >= limit and not self._free:
             self.reject(client, task, f"manager {self.name} queue is full ({len(self._pending)} tasks waiting)")
@@ -265,6 +388,7 @@ class Manager(Server):
         client.jobs[task.id] = job
         self._pending.append(job)
         self._pump()
+        self._arm_worker_wait()
 
     def _pump(self) -> None:
         """Send queued tasks to free processes while there are both."""
@@ -326,6 +450,7 @@ class Manager(Server):
     def status(self) -> dict[str, Any]:
         """Workers, capacity, queue length and counters."""
         workers = [link.describe() for link in self._workers.values()]
+        since = self._unserved_since
         return {
             **self.base_status(),
             "workers": workers,
@@ -333,6 +458,9 @@ class Manager(Server):
             "busy": sum(w["busy"] for w in workers),
             "queued": len(self._pending),
             "redelivered": self.redelivered,
+            "handed_back": self.handed_back,
+            "worker_wait": self.config.worker_wait,
+            "no_workers_for": None if since is None else round(time.monotonic() - since, 1),
         }
 
     def busy(self) -> int:

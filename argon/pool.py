@@ -36,6 +36,7 @@ import gevent.subprocess
 import psutil
 
 from argon import defaults
+from argon.backoff import Backoff
 from argon.errors import ProcessDied, ProtocolError
 from argon.protocol import Buffer, Failure, FrameBuffer, Hello, Result, Task, decode, encode_parts, frame_parts
 
@@ -249,6 +250,10 @@ class Pool:
         max_requests: Replace a process after it has run this many tasks (None: never).
         max_frame: Largest frame a process may send back.
         python: Interpreter to start the processes with.
+        on_broken: Called with the reason when a process cannot be replaced even after
+            the bounded retries of ``restart`` (the pool runs on with fewer processes; with
+            none left, its queued jobs fail with ``ProcessDied``).
+        restart: Makes the :class:`~argon.backoff.Backoff` of each attempt to start a process.
     """
 
     def __init__(
@@ -258,11 +263,17 @@ class Pool:
         max_requests: int | None = None,
         max_frame: int = defaults.MAX_FRAME,
         python: str = sys.executable,
+        on_broken: Callable[[str], None] | None = None,
+        restart: Callable[[], Backoff] = Backoff.pool_start,
     ) -> None:
         self.size = size or default_size()
         self.max_requests = max_requests
         self.max_frame = max_frame
         self.python = python
+        self._on_broken = on_broken
+        self._restart = restart
+        #: Why no process can start, while none is left (None: the pool is whole or mending).
+        self.broken: str | None = None
         self.outstanding = 0
         self.running = 0
         self.completed = 0
@@ -282,23 +293,39 @@ class Pool:
         return len(self._jobs)
 
     def _spawn_process(self) -> PoolProcess:
-        delay = 0.1
+        """Start one process, retrying a bounded number of times.
+
+        Raises:
+            ProcessDied: No process would start (or the pool is closing).
+        """
+        backoff = self._restart()
         while True:
             try:
                 process = PoolProcess(self.python, self.max_frame, self._env)
                 process.wait_ready()
                 return process
             except (OSError, ProcessDied) as exc:
-                if self._closing:
-                    raise
-                log.error("cannot start a pool process (%s); retrying in %.1fs", exc, delay)
-                gevent.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                wait = None if self._closing else backoff.next_delay()
+                if wait is None:
+                    tries = backoff.tries + 1
+                    raise ProcessDied(f"cannot start a pool process ({tries} attempts; last: {exc})") from None
+                log.error("cannot start a pool process (%s); retrying in %.1fs (retry %d)", exc, wait, backoff.tries)
+                gevent.sleep(wait)
 
     def start(self) -> None:
-        """Start every process and wait until all are ready."""
+        """Start every process and wait until all are ready.
+
+        Raises:
+            ProcessDied: A process would not start (the others are stopped).
+        """
         starting = [gevent.spawn(self._spawn_process) for _ in range(self.size)]
-        gevent.joinall(starting, raise_error=True)
+        gevent.joinall(starting)
+        failed = [greenlet.exception for greenlet in starting if not greenlet.successful()]
+        if failed:
+            for greenlet in starting:
+                if greenlet.successful():
+                    greenlet.value.kill()
+            raise failed[0] or ProcessDied("a pool process would not start")
         for greenlet in starting:
             self._enlist(greenlet.value)
         log.info("pool of %d processes ready", self.size)
@@ -309,11 +336,19 @@ class Pool:
             process.kill()
             return
         self._processes.append(process)
+        self.broken = None
         process.readable.start(self._on_readable, process)
         self._next(process)
 
     def submit(self, job: Job) -> None:
-        """Queue a job; free processes take jobs in submission order."""
+        """Queue a job; free processes take jobs in submission order.
+
+        With no process left and none able to start (see ``on_broken``), the job fails at
+        once with ``ProcessDied`` instead of waiting for ever.
+        """
+        if self.broken is not None and not self._processes:
+            self._fail(job, f"no pool process can start: {self.broken}")
+            return
         self.outstanding += 1
         self._drained.clear()
         if self._idle and not self._jobs:
@@ -424,6 +459,28 @@ class Pool:
         spare, process.spare = process.spare, None
         successor = spare if spare is not None else gevent.spawn(self._spawn_process)
         successor.link_value(lambda done: self._enlist(done.value))
+        successor.link_exception(lambda done: self._broken(done.exception))
+
+    def _broken(self, error: BaseException | None) -> None:
+        """A process could not be replaced: say so; with no process left, fail what waits."""
+        if self._closing:
+            return
+        reason = str(error)
+        log.critical("%s; the pool runs %d of its %d processes", reason, len(self._processes), self.size)
+        if not self._processes:  # nothing would ever run the queued jobs
+            self.broken = reason
+            for job in self.cancel(lambda job: True):
+                self._fail(job, f"no pool process can start: {reason}")
+        if self._on_broken is not None:
+            self._on_broken(reason)
+
+    def _fail(self, job: Job, why: str) -> None:
+        """Fail a job that never reached a process."""
+        self.failed += 1
+        try:
+            job.done(Failure(job.task.id, ProcessDied.__name__, why))
+        except Exception:
+            log.exception("error delivering the reply to task %s", job.task.id)
 
     def cancel(self, match: Callable[[Job], bool]) -> list[Job]:
         """Remove queued (not yet running) jobs for which ``match`` is true and return them."""

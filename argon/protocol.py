@@ -39,6 +39,7 @@ _INT = frozenset({int})
 _STR = frozenset({str})
 _BYTES = frozenset({bytes})
 _DICT = frozenset({dict})
+_LIST = frozenset({list})
 _NUMBER = frozenset({float, int})
 _OPT_NUMBER = frozenset({float, int, type(None)})
 _OPT_BYTES = frozenset({bytes, type(None)})
@@ -188,9 +189,19 @@ class NotCancelled(NamedTuple):
     id: int
 
 
+class Handback(NamedTuple):
+    """Worker to manager: tasks it was sent but will not run (it is draining); send them elsewhere.
+
+    Attributes:
+        ids: The manager's ids of the tasks, none of which has started.
+    """
+
+    ids: list
+
+
 Message = (
     Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequest | StatusReply | Stats | Cancel | Bye
-    | NotCancelled
+    | NotCancelled | Handback
 )
 
 #: Wire kind of each message type, and the type of each field (checked on decode).
@@ -207,6 +218,7 @@ _SPEC: dict[type, tuple[int, tuple[frozenset[Any], ...]]] = {
     Stats: (10, (_DICT,)),
     Cancel: (11, (_INT,)),
     Bye: (12, (_STR, _STR)),
+    Handback: (13, (_LIST,)),
     NotCancelled: (30, (_INT,)),
 }
 _KIND = {cls: kind for cls, (kind, _) in _SPEC.items()}

@@ -47,6 +47,7 @@ class ServerConfig:
     handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
     max_items: int = defaults.MAX_ITEMS
     tls: ssl.SSLContext | None = None
+    worker_wait: float = defaults.WORKER_WAIT  # manager only
 
 
 class RateLimitedLog:

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 import socket
 import ssl
 import time
@@ -26,13 +25,15 @@ import uuid
 from typing import Any
 
 import gevent
+import gevent.event
 import psutil
 
 from argon import defaults
+from argon.backoff import Backoff
 from argon.connection import Connection, connect
 from argon.errors import ArgonError, ConnectionLost, ProtocolError
 from argon.pool import Job, Pool, Reply
-from argon.protocol import Bye, Failure, Message, Ready, Register, Stats, StatusReply, StatusRequest, Task
+from argon.protocol import Bye, Failure, Handback, Message, Ready, Register, Stats, StatusReply, StatusRequest, Task
 from argon.server import ClientLink, Server, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,16 @@ class Worker(Server):
         super().__init__(config)
         self.config: WorkerConfig = config
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.pool = Pool(config.workers, max_requests=config.max_requests, max_frame=config.max_frame)
+        self.pool = Pool(
+            config.workers, max_requests=config.max_requests, max_frame=config.max_frame, on_broken=self._pool_broken
+        )
+        #: Why this worker stopped on its own (its pool broke), or None.
+        self.failure: str | None = None
         self.discarded = 0
         self._link: Connection | None = None
         self._session = 0
+        self._released = gevent.event.Event()  # set once the manager will route us nothing more
+        self.handed_back = 0
         self._linker: gevent.Greenlet | None = None
 
     @property
@@ -143,7 +150,7 @@ class Worker(Server):
     # -- managed: the link to the manager ---------------------------------------------------------
 
     def _manager_loop(self, host: str, port: int) -> None:
-        delay = 0.1
+        backoff = Backoff.reconnect()  # unbounded on purpose: a worker waits for its manager
         failures = 0
         while not self.stopping:
             try:
@@ -162,16 +169,17 @@ class Worker(Server):
                 if failures == 1 or failures % 30 == 0:  # say it once, then now and then
                     log.warning("cannot reach manager %s:%d (attempt %d): %s", host, port, failures, exc)
             else:
-                delay, failures = 0.1, 0
+                failures = 0
+                backoff.reset()
                 self._serve_manager(conn)
                 if self.stopping:
                     return
-            gevent.sleep(min(delay * random.uniform(0.8, 1.2), defaults.RECONNECT_MAX_DELAY))
-            delay = min(delay * 2, defaults.RECONNECT_MAX_DELAY)
+            gevent.sleep(backoff.next_delay() or defaults.RECONNECT_MAX_DELAY)
 
     def _serve_manager(self, conn: Connection) -> None:
         self._session += 1
         session = self._session
+        self._released = gevent.event.Event()
         free = max(0, self.pool.size - self.pool.outstanding)
         conn.send_now(Register(self.id, self.address[0], self.address[1], self.pool.size, free, os.getpid()))
         self._link = conn
@@ -179,6 +187,7 @@ class Worker(Server):
         reporter = gevent.spawn(self._report_stats, conn)
         reason = conn.serve(lambda msg: self._manager_message(conn, session, msg))
         reporter.kill(block=False)
+        self._released.set()  # nothing more can come on a closed link
         self._link = None
         dropped = self.pool.cancel(lambda job: job.tag == session)
         if not self.stopping:
@@ -192,6 +201,9 @@ class Worker(Server):
 
     def _manager_message(self, conn: Connection, session: int, msg: Message) -> None:
         if isinstance(msg, Task):
+            if self.stopping:  # it crossed our goodbye: give it back at once, to run elsewhere
+                self._hand_back(conn, [msg.id])
+                return
             arrived = time.monotonic()
             self.pool.submit(Job(msg, lambda reply: self._managed_done(session, reply, arrived), session))
         elif isinstance(msg, StatusRequest):
@@ -201,8 +213,17 @@ class Worker(Server):
                 log.error("manager %s closed the link: %s", conn.peer, msg.reason)
             else:
                 log.info("manager %s says: %s", conn.peer, msg.reason)
+            if self.stopping and not msg.error:
+                self._released.set()  # its answer to our goodbye: no task follows it
         else:
             log.warning("ignoring unexpected %s from manager %s", type(msg).__name__, conn.peer)
+
+    def _hand_back(self, conn: Connection, ids: list[int]) -> None:
+        """Return tasks this draining worker will not start to the manager, to run elsewhere."""
+        self.handed_back += len(ids)
+        log.info("draining: handing %d unstarted tasks back to manager %s", len(ids), conn.peer)
+        with contextlib.suppress(ConnectionLost):
+            conn.send(Handback(ids))
 
     def _managed_done(self, session: int, reply: Reply, arrived: float) -> None:
         self.observe(arrived)
@@ -226,6 +247,13 @@ class Worker(Server):
             except ConnectionLost:
                 return
             gevent.sleep(max(self.config.heartbeat, 1.0) * 5)
+
+    def _pool_broken(self, reason: str) -> None:
+        """The pool cannot replace a process: say so loudly and stop, so a supervisor restarts us."""
+        if self.failure is None and not self.stopping:
+            self.failure = reason
+            log.critical("worker %s is stopping: its pool cannot start processes (%s)", self.name, reason)
+            gevent.spawn(self.shutdown)
 
     # -- reporting and stopping -------------------------------------------------------------------
 
@@ -268,6 +296,7 @@ class Worker(Server):
             "busy": pool.running,
             "queued": pool.queued,
             "discarded": self.discarded,
+            "handed_back": self.handed_back,
             "manager": f"{manager[0]}:{manager[1]}" if manager else None,
             "manager_connected": self._link is not None and not self._link.closed,
         }
@@ -281,9 +310,17 @@ class Worker(Server):
         if link is not None:
             with contextlib.suppress(ConnectionLost):
                 link.send(Bye("draining"))
+            session = self._session
+            unstarted = self.pool.cancel(lambda job: job.tag == session)
+            if unstarted:
+                self._hand_back(link, [job.task.id for job in unstarted])
         if not self.pool.join(grace):
             log.warning("grace period over; abandoning %d tasks", self.pool.outstanding)
         if link is not None:
+            # Keep reading until the manager confirms it routes us nothing more, so a task
+            # that crossed our goodbye is handed back rather than lost in a reset socket.
+            if not self._released.wait(defaults.DRAIN_ACK_TIMEOUT):
+                log.warning("manager %s did not answer our goodbye within %gs", link.peer, defaults.DRAIN_ACK_TIMEOUT)
             link.flush(2.0)
             link.close("worker stopped")
         if self._linker is not None:

@@ -12,6 +12,7 @@ import sys
 import time
 
 import gevent
+import gevent.queue
 import gevent.socket
 import psutil
 import pytest
@@ -21,17 +22,35 @@ from argon import (
     AuthenticationError,
     Client,
     ConnectionLost,
+    NoWorkers,
+    ProcessDied,
     ProtocolError,
     ServerBusy,
     ShuttingDown,
     connection,
     defaults,
 )
+from argon.backoff import Backoff
 from argon.connection import Connection
 from argon.manager import Manager
-from argon.protocol import VERSION, Bye, Hello, decode, encode, frame
+from argon.protocol import (
+    VERSION,
+    Bye,
+    Failure,
+    Handback,
+    Hello,
+    Ready,
+    Register,
+    Result,
+    Stats,
+    Task,
+    decode,
+    encode,
+    frame,
+)
 from argon.security import server_handshake
 from argon.server import ServerConfig
+from argon.worker import Worker, WorkerConfig
 
 from conftest import wait_for
 
@@ -266,3 +285,183 @@ def _eof(sock):
         return False
     except OSError:
         return True
+
+
+# -- issue 10: a peer's claims, no workers, drain hand-back ----------------------------------
+
+
+def _next_message(conn, kinds, timeout=10.0):
+    """The next message of one of ``kinds`` on a raw connection (heartbeats and stats skipped)."""
+    with gevent.Timeout(timeout, AssertionError(f"no {kinds} within {timeout}s")):
+        while True:
+            msg = conn.recv_message()
+            if isinstance(msg, kinds):
+                return msg
+
+
+def _closed_cleanly(conn, timeout=10.0):
+    """True once the peer has closed ``conn`` with an orderly end of stream (not a reset)."""
+    with gevent.Timeout(timeout, AssertionError("the link was not closed")):
+        try:
+            while True:
+                conn.recv_message()
+        except ConnectionResetError as exc:
+            return exc.errno is None  # our own "closed the connection", not ECONNRESET
+
+
+def _fake_worker(manager, capacity, free=None, name="fake"):
+    conn = connection.connect(manager.host, manager.port, role="worker", name=name)
+    conn.send_now(Register(name, "127.0.0.1", 1, capacity, capacity if free is None else free, 4242))
+    return conn
+
+
+def test_a_worker_claiming_more_free_processes_than_it_has_is_disconnected(net):
+    manager = net.manager()
+    client = net.client(manager)
+    fake = _fake_worker(manager, capacity=2)
+    net.wait_workers(client, 1)
+    deferreds = [client.defer(lambda i: i * 10, [i]) for i in range(3)]
+    got = [_next_message(fake, Task), _next_message(fake, Task)]  # both processes busy; one task queued
+    status = client.status()
+    assert (status["busy"], status["capacity"], status["queued"]) == (2, 2, 1)
+    fake.send_now(Ready(1_000_000))  # "a million more free processes"
+    bye = _next_message(fake, Bye)
+    assert bye.error == "ProtocolError" and "claims 1000000 more free processes, but it has 2" in bye.reason
+    assert _closed_cleanly(fake)
+    net.worker(manager, processes=1)
+    assert [d(timeout=30) for d in deferreds] == [0, 10, 20]  # the fake's two tasks ran elsewhere
+    status = client.status()
+    assert [w["id"] for w in status["workers"]] != ["fake"] and status["redelivered"] == 2
+    assert all(w["busy"] <= w["capacity"] for w in status["workers"])
+    wait_for(lambda: "claims 1000000 more free processes" in manager.log(), 5, what="the reason to be logged")
+    assert len({t.id for t in got}) == 2
+
+
+@pytest.mark.parametrize(
+    ("register", "stats", "reason"),
+    [
+        (Register("huge", "127.0.0.1", 1, 10**9, 10**9), None, "bad registration: capacity 1000000000"),
+        (Register("liar", "127.0.0.1", 1, 1, 5), None, "free 5"),
+        (Register("neg", "127.0.0.1", -1, 1, 1), None, "port -1"),
+        (Register("ok", "127.0.0.1", 1, 1, 1), {"rss": -5}, "rss is -5"),
+        (Register("ok", "127.0.0.1", 1, 1, 1), {"processes": [{}, {}, {}]}, "process rows"),
+    ],
+    ids=["capacity", "free", "port", "negative-rss", "too-many-processes"],
+)
+def test_absurd_registrations_and_stats_close_the_link_with_a_reason(net, register, stats, reason):
+    manager = net.manager()
+    client = net.client(manager)
+    fake = connection.connect(manager.host, manager.port, role="worker")
+    fake.send_now(register)
+    if stats is not None:
+        fake.send_now(Stats(stats))
+    bye = _next_message(fake, Bye)
+    assert bye.error == "ProtocolError" and reason in bye.reason
+    assert _closed_cleanly(fake)
+    assert client.status()["workers"] == []
+    wait_for(lambda: reason in manager.log(), 5, what="the reason to be logged")
+    assert manager.alive()
+
+
+def test_tasks_fail_with_no_workers_after_the_worker_wait(net):
+    manager = net.manager("--worker-wait", "1.5")
+    client = net.client(manager)
+    started = time.monotonic()
+    with pytest.raises(NoWorkers, match=r"no worker for \d+s \(--worker-wait 1\.5\)"):
+        client.queue(lambda: "never", timeout=None)
+    assert 1.4 <= time.monotonic() - started < 10
+    started = time.monotonic()
+    with pytest.raises(NoWorkers):  # still none: new tasks fail at once
+        client.queue(lambda: "never")
+    assert time.monotonic() - started < 1.0
+    assert client.status()["no_workers_for"] >= 1.5
+    worker = net.worker(manager, processes=1)
+    net.wait_workers(client, 1)
+    assert client.queue(lambda: "served") == "served"
+    assert client.status()["no_workers_for"] is None
+    worker.kill()  # the only worker is gone: queued tasks wait --worker-wait again, then fail
+    wait_for(lambda: client.status()["workers"] == [], what="the worker to be dropped")
+    started = time.monotonic()
+    with pytest.raises(NoWorkers):
+        client.queue(lambda: "never")
+    assert 0.5 <= time.monotonic() - started < 10
+    wait_for(lambda: "failed 1 queued tasks: manager" in manager.log(), 5, what="the failure to be logged")
+
+
+def test_a_task_that_reaches_a_draining_worker_is_handed_back_and_runs_elsewhere(net):
+    manager = net.manager()
+    client = net.client(manager)
+    fake = _fake_worker(manager, capacity=1)
+    net.wait_workers(client, 1)
+    deferred = client.defer(os.getpid)
+    task = _next_message(fake, Task)
+    real = net.worker(manager, processes=1)
+    net.wait_workers(client, 2)
+    fake.send_now(Bye("draining"))  # the task crossed this goodbye: hand it back
+    ack = _next_message(fake, Bye)
+    assert ack.error == "" and "routes nothing more" in ack.reason
+    fake.send_now(Handback([task.id]))
+    assert deferred(timeout=30) != os.getpid()  # it ran, on the real worker
+    status = client.status()
+    assert (status["handed_back"], status["redelivered"]) == (1, 0)
+    fake.close()
+    wait_for(lambda: "left after draining" in manager.log(), 5, what="the fake to leave")
+    assert "lost" not in manager.log()
+    assert real.alive()
+
+
+def test_a_draining_worker_hands_back_a_task_that_crossed_its_goodbye(net):
+    inbox = gevent.queue.Queue()
+    links = []
+
+    def fake_manager(sock, address):
+        conn = connection.accept(sock, address, role="manager", name="fake", key=None, allowed=True)
+        links.append(conn)
+        with contextlib.suppress(OSError):
+            while True:
+                inbox.put(conn.recv_message())
+        inbox.put(None)  # end of stream
+
+    server = StreamServer(("127.0.0.1", 0), fake_manager)
+    server.start()
+    try:
+        worker = net.worker(None, "--manager", f"127.0.0.1:{server.server_port}", processes=1)
+
+        def next_of(kind):
+            with gevent.Timeout(10, AssertionError(f"no {kind.__name__} from the worker")):
+                while not isinstance(msg := inbox.get(), kind):
+                    assert msg is not None, "the worker closed the link early"
+                return msg
+
+        next_of(Register)
+        worker.signal(signal.SIGTERM)
+        next_of(Bye)
+        links[0].send_now(Task(77, b"never run", b"never run"))  # routed "in the same moment"
+        assert next_of(Handback).ids == [77]
+        links[0].send_now(Bye("routes nothing more"))  # what a manager answers to a goodbye
+        with gevent.Timeout(10, AssertionError("the worker did not close its link")):
+            while (msg := inbox.get()) is not None:
+                assert not isinstance(msg, (Result, Failure)), msg
+        assert worker.wait(10) == 0
+        assert "handing 1 unstarted tasks back" in worker.log()
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_pool_cannot_start_processes_says_so_and_stops(tmp_path):
+    worker = Worker(WorkerConfig(port=0, workers=1, grace=1))
+    worker.start()
+    try:
+        with Client(*worker.address) as client:
+            broken = tmp_path / "python"
+            broken.write_text("#!/bin/sh\nexit 9\n")
+            broken.chmod(0o755)
+            worker.pool.python = str(broken)  # from now on no pool process can start
+            worker.pool._restart = lambda: Backoff(0.01, attempts=1)  # keeps the test fast
+            with pytest.raises(ProcessDied):
+                client.queue(os._exit, [3])
+            gevent.with_timeout(30, worker.serve_forever)  # it stops by itself
+        assert worker.failure is not None and "cannot start a pool process" in worker.failure
+    finally:
+        worker.pool.close()

@@ -28,6 +28,9 @@ import gevent.subprocess
 import psutil
 import pytest
 
+from argon import defaults
+from argon.backoff import Backoff
+from argon.errors import ProcessDied
 from argon.pool import Job, Pool, default_size
 from argon.protocol import Failure, Result, Task
 from argon.serialize import FunctionCache, dumps, loads, loads_exception
@@ -470,3 +473,81 @@ def test_close_stops_a_warmed_up_successor(tmp_path):
     finally:
         pool.close()
         runners.kill()
+
+
+# -- bounded restarts (issue 10) ----------------------------------------------------------------
+
+
+def _fast_restart(attempts: int = 2) -> Callable[[], Backoff]:
+    return lambda: Backoff(0.01, 2.0, 0.05, jitter=0, attempts=attempts)
+
+
+@pytest.mark.timeout(30)
+def test_a_pool_whose_processes_cannot_start_says_so_instead_of_retrying_forever(tmp_path):
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\nexit 7\n")
+    broken.chmod(0o755)
+    pool = Pool(2, python=str(broken), restart=_fast_restart(2))
+    started = time.monotonic()
+    with pytest.raises(ProcessDied, match=r"cannot start a pool process \(3 attempts; last: .*exited with code 7"):
+        pool.start()
+    assert time.monotonic() - started < 10
+    pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_process_that_cannot_be_replaced_breaks_the_pool_loudly(runners, tmp_path):
+    reasons: list[str] = []
+    pool = Pool(1, on_broken=reasons.append, restart=_fast_restart(1))
+    pool.start()
+    try:
+        assert value(run(pool, lambda: "fine")) == "fine"
+        broken = tmp_path / "python"
+        broken.write_text("#!/bin/sh\nexit 9\n")
+        broken.chmod(0o755)
+        pool.python = str(broken)  # from now on, no process can start
+        dying = submit(pool, lambda: os._exit(3))
+        waiting = submit(pool, lambda: "never")  # queued behind it
+        assert dying.get(timeout=30).error == "ProcessDied"
+        assert waiting.get(timeout=30).error == "ProcessDied"
+        wait_for(lambda: reasons, 10, what="the pool to report itself broken")
+        assert "cannot start a pool process (2 attempts" in reasons[0]
+        late = run(pool, lambda: "never")  # fails at once, never waits for ever
+        assert type(late) is Failure and "no pool process can start" in late.message
+        assert pool.broken is not None and pool.outstanding == 0
+    finally:
+        pool.close()
+
+
+def test_backoff_delays_grow_are_capped_and_bounded_without_sleeping():
+    backoff = Backoff(0.1, 2.0, 0.5, jitter=0, attempts=5)
+    assert [backoff.next_delay() for _ in range(6)] == [0.1, 0.2, 0.4, 0.5, 0.5, None]
+    backoff.reset()
+    assert backoff.next_delay() == 0.1
+    low = Backoff(1.0, 2.0, 10.0, jitter=0.2, rng=lambda: 0.0)
+    high = Backoff(1.0, 2.0, 10.0, jitter=0.2, rng=lambda: 0.999999)
+    assert low.next_delay() == pytest.approx(0.8) and high.next_delay() == pytest.approx(1.2, abs=1e-5)
+
+
+def test_backoff_within_a_time_budget_uses_the_injected_clock():
+    now = [100.0]
+    backoff = Backoff(1.0, 2.0, 8.0, jitter=0, within=5.0, clock=lambda: now[0])
+    assert backoff.next_delay() == 1.0
+    now[0] += 1.0
+    assert backoff.next_delay() == 2.0
+    now[0] += 2.0
+    assert backoff.next_delay() == 2.0  # 4.0 would run past the budget: cut to what is left
+    now[0] += 2.0
+    assert backoff.next_delay() is None
+    backoff.reset()
+    assert backoff.next_delay() == 1.0
+
+
+def test_backoff_presets_take_their_constants_from_defaults():
+    reconnect = Backoff.reconnect(rng=lambda: 0.5)
+    delays = [reconnect.next_delay() for _ in range(20)]
+    assert delays[0] == defaults.RECONNECT_DELAY and max(delays) == defaults.RECONNECT_MAX_DELAY
+    retry = Backoff.retry(3, rng=lambda: 0.5)
+    assert [retry.next_delay() for _ in range(4)][-1] is None
+    pool_start = Backoff.pool_start(rng=lambda: 0.5)
+    assert sum(1 for _ in iter(pool_start.next_delay, None)) == defaults.POOL_START_ATTEMPTS

@@ -21,6 +21,7 @@ from argon.protocol import (
     Cancel,
     Failure,
     FrameBuffer,
+    Handback,
     Hello,
     Ping,
     Ready,
@@ -59,6 +60,8 @@ MESSAGES = [
     Cancel(11),
     Bye(),
     Bye("draining"),
+    Bye("manager m is shutting down", "ShuttingDown"),
+    Handback([1, 2, 3]),
 ]
 
 
@@ -82,7 +85,7 @@ def test_every_message_type_is_covered_and_has_a_distinct_kind():
     for msg in MESSAGES:
         kinds.setdefault(type(msg), msgpack.unpackb(encode(msg))[0])
     assert set(kinds) == {Hello, Task, Result, Failure, Register, Ready, Ping, StatusRequest, StatusReply, Stats,
-                          Cancel, Bye}
+                          Cancel, Bye, Handback}
     assert len(set(kinds.values())) == len(kinds)
 
 
@@ -140,7 +143,7 @@ def test_decode_rejects_a_kind_that_is_not_an_integer(head):
         decode(_raw(head, 1))
 
 
-@pytest.mark.parametrize("kind", [0, -1, 13, 99, 2**32, 2**64 - 1])
+@pytest.mark.parametrize("kind", [0, -1, 64, 99, 2**32, 2**64 - 1])
 def test_decode_rejects_unknown_kinds(kind):
     with pytest.raises(ProtocolError, match="unknown message kind"):
         decode(_raw(kind, 1, b"x", b"y"))
@@ -241,7 +244,8 @@ def test_extra_fields_are_ignored_whatever_their_type(msg):
         ((4, 1, "TaskError", "boom"), Failure(1, "TaskError", "boom", None, "")),
         ((4, 1, "TaskError", "boom", b"p"), Failure(1, "TaskError", "boom", b"p", "")),
         ((5, "w", "h", 80, 4, 4), Register("w", "h", 80, 4, 4, 0)),
-        ((12,), Bye("")),
+        ((12,), Bye("", "")),
+        ((12, "leaving"), Bye("leaving", "")),
     ],
     ids=lambda v: repr(v)[:40],
 )
