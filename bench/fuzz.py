@@ -600,7 +600,7 @@ def _served(host: str, port: int, key_file: str | None, limit: float = 10.0) -> 
     while time.monotonic() - started < limit:
         try:
             with Client(host, port, key_file=key_file, retries=0, connect_timeout=limit) as client:
-                assert client.queue(lambda: "served", timeout=limit) == "served"
+                assert client.queue(lambda: "served", time_limit=limit) == "served"
             return time.monotonic() - started
         except ArgonError:  # shed in its handshake, or refused: a real client retries
             gevent.sleep(0.01)

@@ -368,7 +368,7 @@ def test_tasks_fail_with_no_workers_after_the_worker_wait(net):
     client = net.client(manager)
     started = time.monotonic()
     with pytest.raises(NoWorkers, match=r"no worker for \d+s \(--worker-wait 1\.5\)"):
-        client.queue(lambda: "never", timeout=None)
+        client.queue(lambda: "never")
     assert 1.4 <= time.monotonic() - started < 10
     started = time.monotonic()
     with pytest.raises(NoWorkers):  # still none: new tasks fail at once
