@@ -33,7 +33,6 @@ import functools
 import itertools
 import logging
 import os
-import random
 import ssl
 import threading
 import time
@@ -45,7 +44,8 @@ import gevent
 import gevent.monkey
 from gevent.hub import Waiter
 
-from argon import defaults
+from argon import backoff, defaults
+from argon.backoff import Backoff
 from argon.connection import Connection, connect
 from argon.deferred import Deferred, RequestState, Signal, Wake
 from argon.errors import (
@@ -667,8 +667,9 @@ class Client:
 
     def _delay(self, deferred: Deferred) -> float:
         used = self.retries - deferred.retries
-        delay = min(defaults.RETRY_DELAY * defaults.RETRY_BACKOFF ** (used - 1), defaults.RETRY_MAX_DELAY)
-        return delay * random.uniform(0.75, 1.25)
+        return backoff.delay(
+            used, defaults.RETRY_DELAY, defaults.RETRY_BACKOFF, defaults.RETRY_MAX_DELAY, defaults.RETRY_JITTER
+        )
 
     def _retry(self, deferred: Deferred) -> None:
         if deferred.state is BACKOFF:
@@ -750,15 +751,15 @@ class Client:
                 self._send(deferred)
 
     def _reconnect(self, link: _Link) -> None:
-        delay = 0.05
+        """Dial ``link`` until it answers (tasks waiting for it expire on their own deadline)."""
+        delays = Backoff.reconnect()
         while not self._closed:
             try:
                 self._connect(link)
                 return
             except (ArgonError, OSError) as exc:
                 self._expire(link, exc)
-            gevent.sleep(min(delay * random.uniform(0.8, 1.2), defaults.RECONNECT_MAX_DELAY))
-            delay = min(delay * 2, defaults.RECONNECT_MAX_DELAY)
+            gevent.sleep(delays.next_delay() or defaults.RECONNECT_MAX_DELAY)
 
     def _expire(self, link: _Link, error: BaseException) -> None:
         """Fail the tasks that found no connection for ``reconnect_deadline`` seconds."""
