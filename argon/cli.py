@@ -200,7 +200,7 @@ def build_config(args: dict[str, Any]) -> ServerConfig:
     return WorkerConfig(
         **common,
         manager=_address(args["--manager"]) if args["--manager"] else None,
-        workers=_workers(args),
+        processes=_workers(args),
         max_requests=_number(args, "--max-requests", int, 1),
         manager_tls=client_tls(args["--tls-ca"]) if args["--tls-ca"] else None,
     )

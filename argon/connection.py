@@ -33,6 +33,7 @@ from argon.errors import TASK_ERRORS, ArgonError, AuthenticationError, Connectio
 from argon.protocol import (
     BIG,
     VERSION,
+    Batch,
     Buffer,
     Bye,
     Failure,
@@ -41,6 +42,7 @@ from argon.protocol import (
     Message,
     Ping,
     Result,
+    batch_body,
     decode,
     encode_parts,
     frame_parts,
@@ -77,7 +79,7 @@ class Connection:
         self.heartbeat = heartbeat
         self.max_items = max_items
         self.peer = peer
-        self.hello: Hello | None = None
+        self._hello: Hello | None = None
         self.closed = False
         self.reason = ""
         self.last_recv = self.last_send = time.monotonic()
@@ -85,7 +87,15 @@ class Connection:
         self._checker = session.recv
         self._frames = FrameBuffer(max_frame)
         self._backlog = self._frames.feed(session.rest)
-        self._out: list[bytes] = []
+        self._unbatched: list[Message] = []  # the rest of a batch recv_message read
+        self._mac_size = MAC_BYTES if self._signer else 0
+        self._out: list[bytes] = []  # frames ready to go
+        self._small: list[bytes] = []  # bodies of small messages not framed yet (see _seal)
+        self._small_size = 0
+        self._batch_count = 1  # most messages per frame: 1 until the peer's hello allows more
+        self._batch_bytes = defaults.BATCH_BYTES
+        self.sent_frames = 0
+        self.sent_messages = 0
         self._loop = gevent.get_hub().loop
         # A plain socket is written straight from a hub callback; TLS goes through the writer.
         self._raw = None if isinstance(sock, gevent.ssl.SSLSocket) else getattr(sock, "_sock", None)
@@ -114,29 +124,50 @@ class Connection:
         role = self.hello.role if self.hello else "?"
         return f"<Connection {role}@{self.peer}{' closed' if self.closed else ''}>"
 
+    @property
+    def hello(self) -> Hello | None:
+        """The peer's :class:`~argon.protocol.Hello` (None until the handshake is done)."""
+        return self._hello
+
+    @hello.setter
+    def hello(self, hello: Hello | None) -> None:
+        self._hello = hello
+        if hello is not None:
+            # Batch no more messages than the peer takes, in frames it accepts.
+            self._batch_count = max(1, min(hello.batch, defaults.BATCH_MESSAGES))
+            if hello.max_frame:
+                self._batch_bytes = min(defaults.BATCH_BYTES, hello.max_frame - self._mac_size - 16)
+
     # -- sending ----------------------------------------------------------------------
 
-    def _frame(self, msg: Message) -> tuple[list[bytes], int]:
-        """The frame of ``msg`` as buffers (a large payload is one, uncopied), and its size.
+    def _encode(self, msg: Message) -> tuple[list[bytes], int]:
+        """The body of ``msg`` as buffers (a large payload is one, uncopied), and its size.
 
         Raises:
             MessageTooLarge: The peer announced a smaller frame limit (checked before
-                signing, so a refused message uses up no sequence number).
+                anything is signed, so a refused message uses up no sequence number).
         """
         parts = encode_parts(msg)
-        body = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
-        mac_size = MAC_BYTES if self._signer else 0
+        size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
         limit = self.hello.max_frame if self.hello is not None else 0
-        if limit and body + mac_size > limit:
+        if limit and size + self._mac_size > limit:
             raise MessageTooLarge(
-                f"a {type(msg).__name__} of {body + mac_size} bytes exceeds the {limit} byte"
+                f"a {type(msg).__name__} of {size + self._mac_size} bytes exceeds the {limit} byte"
                 f" limit of {self.peer} (its --max-frame)"
             )
+        return parts, size
+
+    def _framed(self, parts: list[bytes], size: int) -> list[bytes]:
+        """Sign (on a keyed link) and frame one body; frames are signed in sending order."""
+        self.sent_frames += 1
         mac = self._signer.sign(*parts) if self._signer else b""
-        return frame_parts(parts, mac, body), 4 + mac_size + body
+        return frame_parts(parts, mac, size)
 
     def send(self, msg: Message) -> None:
         """Queue a message; it goes out with everything else queued in this loop iteration.
+
+        Small messages that queue up together travel in one :class:`~argon.protocol.Batch`
+        frame when the peer accepts batches; large ones get a frame of their own.
 
         Raises:
             ConnectionLost: The connection is closed.
@@ -144,9 +175,18 @@ class Connection:
         """
         if self.closed:
             raise ConnectionLost(f"connection to {self.peer} is closed: {self.reason}")
-        parts, size = self._frame(msg)
-        self._out += parts
-        self._queued += size
+        parts, size = self._encode(msg)
+        self.sent_messages += 1
+        if len(parts) == 1 and size < self._batch_bytes:
+            if len(self._small) >= self._batch_count or self._small_size + size > self._batch_bytes:
+                self._seal()
+            self._small.append(parts[0])
+            self._small_size += size
+            self._queued += size
+        else:
+            self._seal()  # what was queued before it goes before it
+            self._out += self._framed(parts, size)
+            self._queued += 4 + self._mac_size + size
         if self.guard and self._queued > defaults.OUTBOX_HIGH and self._resumed.is_set():
             self._resumed.clear()
             if self._reading is not None:
@@ -156,6 +196,17 @@ class Connection:
             self._idle.clear()
             self._loop.run_callback(self._flush)
 
+    def _seal(self) -> None:
+        """Frame the small messages queued so far: one frame, or one batch frame for several."""
+        small = self._small
+        if not small:
+            return
+        body = small[0] if len(small) == 1 else batch_body(small)
+        self._out += self._framed([body], len(body))
+        self._queued += 4 + self._mac_size + len(body) - self._small_size
+        self._small = []
+        self._small_size = 0
+
     def _flush(self) -> None:
         """Send what is queued in one system call, from the hub, with no greenlet switch.
 
@@ -163,7 +214,10 @@ class Connection:
         waits until the socket is writable; while it works, it owns the queue.
         """
         self._scheduled = False
-        if self.closed or self._writing or not self._out:
+        if self.closed or self._writing:
+            return
+        self._seal()
+        if not self._out:
             return
         buffers, self._out = _gather(self._out), []
         total = sum(len(buffer) for buffer in buffers)
@@ -198,11 +252,11 @@ class Connection:
         try:
             self.send(msg)
         except MessageTooLarge as exc:
-            self.send(Failure(msg.id, "MessageTooLarge", str(exc)))
+            self.send(Failure(msg.id, MessageTooLarge.__name__, str(exc)))
 
     def send_now(self, msg: Message) -> None:
-        """Send one message from the calling greenlet (used before the writer runs)."""
-        for part in self._frame(msg)[0]:
+        """Send one message from the calling greenlet (before :meth:`serve`, nothing queued)."""
+        for part in self._framed(*self._encode(msg)):
             self.sock.sendall(part)
         self.last_send = time.monotonic()
 
@@ -211,12 +265,14 @@ class Connection:
             while True:
                 self._wake.wait()
                 self._wake.clear()
+                self._seal()
                 while self._out:
                     buffers, self._out = _gather(self._out), []
                     for buffer in buffers:
                         self.sock.sendall(buffer)
                         self.last_send = time.monotonic()
                         self._sent(len(buffer))
+                    self._seal()  # what was queued while this greenlet waited
                 self._writing = False
                 self._idle.set()
         except OSError as exc:
@@ -229,19 +285,27 @@ class Connection:
     # -- receiving --------------------------------------------------------------------
 
     def recv_message(self) -> Message:
-        """Read one message from the calling greenlet (handshake only; no writer yet).
+        """Read one message from the calling greenlet (for the handshake, before :meth:`serve`).
+
+        A batch is returned one message at a time, like everything else.
 
         Raises:
             ConnectionResetError: The peer closed the connection.
             ProtocolError: The peer sent something invalid.
         """
+        if self._unbatched:
+            return self._unbatched.pop(0)
         while not self._backlog:
             data = self.sock.recv(RECV_SIZE)
             if not data:
                 raise ConnectionResetError(f"{self.peer} closed the connection")
             self._backlog = self._frames.feed(data)
         body = self._backlog.pop(0)
-        return decode(self._checker.verify(body) if self._checker else body, self.max_items)
+        msg = decode(self._checker.verify(body) if self._checker else body, self.max_items)
+        if type(msg) is Batch:
+            self._unbatched = list(msg.messages)  # type: ignore[union-attr]
+            return self.recv_message()
+        return msg
 
     def serve(self, handler: Callable[[Message], None], misses: int = defaults.HEARTBEAT_MISSES) -> str:
         """Run the connection until it closes, passing each message to ``handler``.
@@ -262,15 +326,11 @@ class Connection:
         """
         self._handler = handler
         self._writer = gevent.spawn(self._write_loop)
-        peer_interval = self.hello.heartbeat if self.hello is not None else 0.0
-        if not peer_interval >= defaults.MIN_HEARTBEAT:  # absent, tiny, negative or NaN: ignore it
-            peer_interval = self.heartbeat
-        interval = min(self.heartbeat, peer_interval)
+        interval = self.keepalive(misses)
         # A libev timer, not a greenlet: a manager with a thousand idle workers wakes no
         # greenlets to keep them alive.
-        self._interval, self._silence, self._tick = interval, self.heartbeat * misses or None, time.monotonic()
         self._keepalive = self._loop.timer(interval, interval)
-        self._keepalive.start(self._heartbeat)
+        self._keepalive.start(self.beat)
         backlog, self._backlog = self._backlog, []
         try:
             self._receive(self._checked(backlog))  # frames that came in with the hello
@@ -341,7 +401,14 @@ class Connection:
         try:
             for body in bodies:
                 msg = decode(body, limit)
-                if type(msg) is not Ping:
+                kind = type(msg)
+                if kind is Batch:
+                    for item in msg.messages:  # type: ignore[union-attr]
+                        if type(item) is not Ping:
+                            handler(item)
+                        if self.closed:
+                            return
+                elif kind is not Ping:
                     handler(msg)
                 if self.closed:
                     return
@@ -362,9 +429,30 @@ class Connection:
                 self._flush()
         self.close(reason)
 
-    def _heartbeat(self) -> None:
-        """Timer callback (in the hub): ping an idle link; close one whose peer went silent."""
-        now = time.monotonic()
+    def keepalive(self, misses: int, now: float | None = None) -> float:
+        """Set up heartbeats (see :meth:`serve`) and return the interval :meth:`beat` runs at.
+
+        Args:
+            misses: Heartbeats of this side the peer may miss (0: never time it out).
+            now: The time (``time.monotonic()``); tests pass their own.
+        """
+        peer_interval = self.hello.heartbeat if self.hello is not None else 0.0
+        if not peer_interval >= defaults.MIN_HEARTBEAT:  # absent, tiny, negative or NaN: ignore it
+            peer_interval = self.heartbeat
+        self._interval = min(self.heartbeat, peer_interval)
+        self._silence = self.heartbeat * misses or None
+        self._tick = time.monotonic() if now is None else now
+        return self._interval
+
+    def beat(self, now: float | None = None) -> None:
+        """Ping an idle link; close one whose peer went silent (a timer runs it every interval).
+
+        Args:
+            now: The time (``time.monotonic()``); tests pass it to run the checks without
+                waiting.
+        """
+        if now is None:
+            now = time.monotonic()
         interval, timeout = self._interval, self._silence
         if now - self._tick > 2 * interval:
             # This process itself was frozen or starved: give the peer a fresh chance.
@@ -375,7 +463,7 @@ class Connection:
         if timeout is not None and now - self.last_recv > timeout:
             log.warning("no heartbeat from %s for %.1fs; closing", self.peer, now - self.last_recv)
             self.close(f"no heartbeat for {now - self.last_recv:.1f}s")
-        elif now - self.last_send >= interval and not self._out:
+        elif now - self.last_send >= interval and not self._out and not self._small:
             with contextlib.suppress(ConnectionLost):
                 self.send(Ping())
 
@@ -388,6 +476,7 @@ class Connection:
         self.closed = True
         self.reason = reason
         self._out = []
+        self._small = []
         self._idle.set()
         if self._reading is not None:
             self._reading.close()
@@ -462,8 +551,9 @@ def _tune(sock: Any) -> None:
 PYTHON = ".".join(map(str, sys.version_info[:3]))
 
 
-def _hello(role: str, name: str, heartbeat: float, max_frame: int) -> Hello:
-    return Hello(VERSION, role, name, __version__, PYTHON, SERIALIZER, heartbeat, max_frame)
+def _hello(role: str, name: str, heartbeat: float, max_frame: int, max_items: int = defaults.MAX_ITEMS) -> Hello:
+    batch = min(defaults.BATCH_MESSAGES, max_items)  # a batch is one array: max_items bounds it
+    return Hello(VERSION, role, name, __version__, PYTHON, SERIALIZER, heartbeat, max_frame, batch)
 
 
 def _check_hello(msg: Message, peer: str) -> Hello:
@@ -615,7 +705,7 @@ def accept(
                 with contextlib.suppress(OSError):
                     conn.send_now(Bye(str(exc), ProtocolError.__name__))  # say why, so the peer's error can too
                 raise
-            conn.send_now(_hello(role, name, heartbeat, max_frame))
+            conn.send_now(_hello(role, name, heartbeat, max_frame, max_items))
             return conn
     except BaseException as exc:
         # Also when this greenlet is killed (a server sheds an unfinished handshake): the

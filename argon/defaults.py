@@ -137,3 +137,20 @@ WAIT_WARNING = 10.0
 
 WAIT_WARNING_EVERY = 60.0
 """Least seconds between two of a client's warnings that its server has no workers."""
+
+BATCH_MESSAGES = 1024
+"""Most small messages a connection packs into one batch frame (and accepts in one)."""
+
+BATCH_BYTES = 256 * 1024
+"""Largest batch frame a connection builds; bigger messages travel in frames of their own."""
+
+PREFETCH_HORIZON = 0.002
+"""Seconds of work a worker keeps waiting per process, beyond one running task, so its
+processes do not idle for a manager round trip between short tasks (0: no prefetch)."""
+
+MAX_PREFETCH = 64
+"""Most tasks a worker holds beyond its processes, however short its tasks are."""
+
+STALL_AFTER = 0.02
+"""Seconds after which a worker whose processes are all still on their tasks, each running
+far longer than its usual task, hands back the tasks it holds unstarted."""

@@ -94,6 +94,9 @@ class RemoteTraceback(Exception):
         return "\n\n" + self.text
 
 
+#: The wire name of a failure the task itself raised (the exception travels in the payload).
+TASK_ERROR = "TaskError"
+
 #: Errors that a server may report for a task, by the name used on the wire.
 TASK_ERRORS: dict[str, type[ArgonError]] = {
     cls.__name__: cls

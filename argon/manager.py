@@ -1,13 +1,24 @@
-"""The manager: routes clients' tasks to workers with free processes and results back.
+"""The manager: routes clients' tasks to workers, within the credit each worker grants.
 
-Workers dial in and register their capacity. Each task goes to the registered worker
-with the most free processes; no worker is ever sent more tasks than it has free
-processes. When none is free, tasks wait in a FIFO queue, bounded by ``queue_size``:
-beyond it they are rejected at once and the client retries them later.
+Workers dial in and register; each then says with a :class:`~argon.protocol.Credit` how
+many of the manager's tasks it will hold (its window) and how many of those start at once
+(its processes); the rest wait in the worker, its prefetch. A task goes to the worker with
+the most idle processes, and into a worker's prefetch only when no process is idle
+anywhere (see :mod:`argon.flow`). When none has room, tasks wait in a FIFO queue, bounded
+by ``queue_size``: beyond it they are rejected at once and the client retries them later.
+
+No task waits behind a running one while a process is idle elsewhere: when the queue is
+empty, a process is idle and some worker holds tasks it has not started, the manager asks
+for them back (:class:`~argon.protocol.Reclaim`). The worker hands back only tasks that
+have not started, and they never run there (:class:`~argon.protocol.Handback`); they go
+back to the front of the queue. A draining worker hands back what it has not started too.
 
 A worker whose connection closes, or that misses its heartbeats, is dropped at once;
-the tasks it was running go back to the front of the queue (each task is sent at most
-``MAX_ATTEMPTS`` times, then fails with ``WorkerLost``).
+the tasks it held go back to the front of the queue (each task is sent at most
+``MAX_ATTEMPTS`` times, then fails with ``WorkerLost``; tasks handed back do not count).
+
+While no worker takes tasks for ``worker_wait`` seconds, queued and new tasks fail with
+``NoWorkers`` instead of waiting for ever.
 
 The manager never deserializes task code or arguments: it forwards opaque bytes.
 """
@@ -15,97 +26,52 @@ The manager never deserializes task code or arguments: it forwards opaque bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import gevent
 
 from argon import defaults
 from argon.connection import Connection
-from argon.errors import ConnectionLost, MessageTooLarge, NoWorkers, ProtocolError
-from argon.protocol import Bye, Failure, Handback, Message, Ready, Register, Result, Stats, Task
+from argon.errors import ConnectionLost, MessageTooLarge, NoWorkers, ProtocolError, TaskCancelled, WorkerLost
+from argon.flow import Routes
+from argon.protocol import Bye, Credit, Failure, Handback, Message, Reclaim, Register, Result, Stats, Task
 from argon.server import ClientLink, Server, ServerConfig
+from argon.states import WorkerState, advance
+from argon.status import WorkerRow, WorkerStats
 
 log = logging.getLogger(__name__)
 
 
-class _Job:
-    """A client's task while the manager holds it."""
+class _Ticket:
+    """A client's task while the manager holds it (queued, or held by a worker)."""
 
     __slots__ = ("arrived", "attempts", "client", "id", "task", "worker")
 
-    def __init__(self, job_id: int, client: ClientLink, task: Task) -> None:
-        self.id = job_id
+    def __init__(self, ticket_id: int, client: ClientLink, task: Task, arrived: float) -> None:
+        self.id = ticket_id
         self.client = client
         self.task = task
         self.attempts = 0
         self.worker: WorkerLink | None = None
-        self.arrived = time.monotonic()
+        self.arrived = arrived
+
+    def __repr__(self) -> str:
+        where = f"at {self.worker.id}" if self.worker is not None else "queued"
+        return f"<_Ticket {self.id} (client task {self.task.id}) {where}, attempt {self.attempts}>"
 
     def wanted(self) -> bool:
         """Whether the client that sent this task still waits for it."""
-        return self.client.jobs.get(self.task.id) is self
-
-
-class WorkerLink:
-    """A registered worker as the manager sees it."""
-
-    __slots__ = (
-        "capacity",
-        "completed",
-        "conn",
-        "draining",
-        "failed",
-        "free",
-        "host",
-        "id",
-        "inflight",
-        "joined",
-        "pid",
-        "port",
-        "stats",
-    )
-
-    def __init__(self, conn: Connection, reg: Register) -> None:
-        self.conn = conn
-        self.id = reg.id
-        self.host = reg.host
-        self.port = reg.port
-        self.capacity = reg.capacity
-        self.free = 0
-        self.pid = reg.pid
-        self.inflight: dict[int, _Job] = {}
-        self.completed = 0
-        self.failed = 0
-        self.joined = time.time()
-        self.draining = False
-        self.stats: dict[str, Any] = {}
-
-    def describe(self) -> dict[str, Any]:
-        """This worker's row in ``status()``."""
-        started = self.stats.get("started")
-        return {
-            **self.stats,
-            "uptime": round(time.time() - started, 1) if isinstance(started, float) else 0.0,
-            "id": self.id,
-            "host": self.host,
-            "port": self.port,
-            "pid": self.pid,
-            "capacity": self.capacity,
-            "busy": len(self.inflight),
-            "completed": self.completed,
-            "failed": self.failed,
-            "connected": round(time.time() - self.joined, 1),
-            "draining": self.draining,
-            "address": self.conn.peer,
-        }
+        return self.client.tasks.get(self.task.id) is self
 
 
 #: Figures a worker's Stats may carry, each a finite number of at least zero.
-_STAT_NUMBERS = ("rss", "pool_rss", "replaced", "discarded", "uptime", "started")
+_STAT_NUMBERS = ("rss", "pool_rss", "replaced", "discarded", "handed_back", "uptime", "started")
 
 
 def _checked_stats(values: dict[str, Any], capacity: int) -> dict[str, Any]:
@@ -124,74 +90,149 @@ def _checked_stats(values: dict[str, Any], capacity: int) -> dict[str, Any]:
     return values
 
 
-class FreeSlots:
-    """Workers with free processes, bucketed by how many of them are free.
+class WorkerLink:
+    """A worker's link as the manager sees it: its registration, credit and tasks.
 
-    Picking the least loaded worker costs the same whether ten or ten thousand are
-    registered.
+    See :class:`~argon.states.WorkerState` for its life cycle; :class:`~argon.flow.Routes`
+    files it by ``idle`` and ``spare``.
     """
 
-    def __init__(self) -> None:
-        self._buckets: list[dict[WorkerLink, None]] = [{}]
-        self._top = 0  # no bucket above this one holds a worker
+    __slots__ = (
+        "capacity",
+        "completed",
+        "conn",
+        "failed",
+        "host",
+        "id",
+        "idle",
+        "inflight",
+        "joined",
+        "pid",
+        "port",
+        "processes",
+        "reclaiming",
+        "routable",
+        "spare",
+        "state",
+        "stats",
+        "waiting",
+        "window",
+    )
 
-    def _highest(self) -> int:
-        """The most free processes any worker has (lowering the mark past empty buckets)."""
-        buckets, top = self._buckets, self._top
-        while top and not buckets[top]:
-            top -= 1
-        self._top = top
-        return top
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.state = WorkerState.CONNECTED
+        self.routable = False
+        self.id = ""
+        self.host = ""
+        self.port = 0
+        self.pid = 0
+        self.capacity = 0
+        self.window = 0  # its credit: most tasks it holds
+        self.processes = 0  # how many of them start at once
+        self.idle = 0  # filed in Routes under this many idle processes
+        self.spare = 0  # ... and this much spare credit
+        self.waiting = 0  # ... holding this many tasks beyond its processes
+        self.inflight: dict[int, _Ticket] = {}  # sent, not yet answered or returned (in order)
+        self.reclaiming = 0  # tasks asked back and not answered yet
+        self.completed = 0
+        self.failed = 0
+        self.joined = time.time()
+        self.stats = WorkerStats()
 
-    def __bool__(self) -> bool:
-        return self._highest() > 0
+    def __repr__(self) -> str:
+        return (
+            f"<WorkerLink {self.id or '?'}@{self.conn.peer} {self.state.value}"
+            f" holding {len(self.inflight)}/{self.window}, {self.processes} processes>"
+        )
 
-    def add(self, link: WorkerLink, count: int) -> None:
-        """Give ``link`` ``count`` more free processes."""
-        if count <= 0:
-            return
-        self._buckets[link.free].pop(link, None)
-        link.free += count
-        while len(self._buckets) <= link.free:
-            self._buckets.append({})
-        self._buckets[link.free][link] = None
-        self._top = max(self._top, link.free)
+    def move(self, state: WorkerState) -> None:
+        """Change state (see :data:`argon.states.MOVES`); only an active worker is routed to."""
+        self.state = advance(self.state, state, self)  # type: ignore[assignment]
+        self.routable = state is WorkerState.ACTIVE
 
-    def remove(self, link: WorkerLink) -> None:
-        """Take ``link`` out of routing altogether."""
-        self._buckets[link.free].pop(link, None)
-        link.free = 0
+    def register(self, reg: Register) -> None:
+        """Take the worker's registration; until its first credit, it holds ``reg.free`` tasks.
 
-    def take(self) -> WorkerLink | None:
-        """Claim one process on the worker with the most free ones; None if all are busy."""
-        free = self._highest()
-        if not free:
-            return None
-        bucket = self._buckets[free]
-        link = next(iter(bucket))
-        del bucket[link]
-        link.free = free - 1
-        self._buckets[free - 1][link] = None
-        return link
+        Raises:
+            ProtocolError: A count is out of range, or the worker registered already.
+        """
+        if self.state is not WorkerState.CONNECTED:
+            raise ProtocolError(f"worker {self.id} registered twice")
+        if not 1 <= reg.capacity <= defaults.MAX_CAPACITY or not 0 <= reg.free <= reg.capacity:
+            raise ProtocolError(
+                f"bad registration: capacity {reg.capacity} (1 to {defaults.MAX_CAPACITY}), free {reg.free}"
+            )
+        if not 0 <= reg.port <= 65535 or reg.pid < 0 or not 0 < len(reg.id) <= 256 or len(reg.host) > 256:
+            raise ProtocolError(f"bad registration: id {reg.id[:40]!r}, host {reg.host[:40]!r}, port {reg.port}")
+        self.id, self.host, self.port, self.pid = reg.id, reg.host, reg.port, reg.pid
+        self.capacity = reg.capacity
+        self.window = self.processes = reg.free
+        self.move(WorkerState.ACTIVE)
+
+    def credit(self, credit: Credit) -> None:
+        """Take a new credit (it replaces the last one).
+
+        Raises:
+            ProtocolError: It claims more processes than the worker has, or an out-of-range window.
+        """
+        if not 0 <= credit.processes <= self.capacity:
+            raise ProtocolError(f"credit for {credit.processes} processes; the worker has {self.capacity}")
+        if not credit.processes <= credit.window <= self.capacity + defaults.MAX_PREFETCH:
+            raise ProtocolError(
+                f"credit window {credit.window} out of range ({credit.processes} to"
+                f" {self.capacity + defaults.MAX_PREFETCH})"
+            )
+        self.window, self.processes = credit.window, credit.processes
+
+    def row(self) -> WorkerRow:
+        """This worker's row in ``status()``."""
+        now = time.time()
+        held = len(self.inflight)
+        started = min(held, self.processes)
+        busy = min(self.capacity, self.capacity - self.processes + started)  # tasks of an earlier link too
+        return WorkerRow(
+            id=self.id,
+            host=self.host,
+            port=self.port,
+            pid=self.pid,
+            capacity=self.capacity,
+            busy=busy,
+            prefetched=held - started,
+            credit=self.window,
+            completed=self.completed,
+            failed=self.failed,
+            draining=self.state is WorkerState.DRAINING,
+            uptime=round(now - self.stats.started, 1) if self.stats.started else 0.0,
+            connected=round(now - self.joined, 1),
+            address=self.conn.peer,
+            stats=self.stats,
+        )
 
 
 class Manager(Server):
-    """Routes tasks from clients to registered workers; see the module docstring."""
+    """Routes tasks from clients to registered workers; see the module docstring.
+
+    Args:
+        config: Its settings.
+        clock: Where it reads the time (``time.monotonic``; tests pass their own).
+    """
 
     role = "manager"
 
-    def __init__(self, config: ServerConfig | None = None) -> None:
-        super().__init__(config or ServerConfig())
+    def __init__(self, config: ServerConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(config or ServerConfig(), clock=clock)
         self.completed = 0
         self.failed = 0
         self.redelivered = 0
-        self._workers: dict[str, WorkerLink] = {}
-        self._free = FreeSlots()
-        self._pending: deque[_Job] = deque()
-        self._next_id = 0
         self.handed_back = 0
+        self._workers: dict[str, WorkerLink] = {}
+        self._routes: Routes[WorkerLink] = Routes()
+        self._pending: deque[_Ticket] = deque()
+        self._reclaiming = 0  # tasks asked back from all workers and not answered yet
+        self._next_id = 0
         # Since when no registered worker takes tasks (None: one does); see fail_unserved.
-        self._unserved_since: float | None = time.monotonic()
+        self._unserved_since: float | None = self.clock()
         self._waiting: gevent.Greenlet | None = None
 
     # -- connections --------------------------------------------------------------------
@@ -202,124 +243,102 @@ class Manager(Server):
         if conn.hello.role == "client":
             self.serve_client(conn)
         elif conn.hello.role == "worker":
-            self._serve_worker(conn)
+            link = WorkerLink(conn)
+            reason = conn.serve(functools.partial(self.worker_message, link))
+            self.drop_worker(link, reason)
         else:
             log.warning("refusing %s: unexpected role %r", conn.peer, conn.hello.role)
 
-    def _serve_worker(self, conn: Connection) -> None:
-        link: WorkerLink | None = None
+    def worker_message(self, link: WorkerLink, msg: Message) -> None:
+        """Handle one message from a worker (its connection calls this for each).
 
-        def on_message(msg: Message) -> None:
-            nonlocal link
-            if link is not None and isinstance(msg, (Result, Failure)):
-                self._worker_reply(link, msg)
-            elif link is None and isinstance(msg, Register):
-                link = self._register(conn, msg)
-            elif link is not None and isinstance(msg, Ready):
-                self._ready(link, msg.free)
-            elif link is not None and isinstance(msg, Stats):
-                link.stats = _checked_stats(msg.values, link.capacity)
-            elif link is not None and isinstance(msg, Bye):
+        Raises:
+            ProtocolError: The worker sent something it may not (its connection closes).
+        """
+        if isinstance(msg, Register):
+            self._register(link, msg)
+            return
+        if link.state is WorkerState.CONNECTED:
+            raise ProtocolError(f"{type(msg).__name__} before Register from worker {link.conn.peer}")
+        if isinstance(msg, (Result, Failure)):
+            self._reply(link, msg)
+        elif isinstance(msg, Credit):
+            link.credit(msg)
+            self._routes.update(link)
+            self._pump()
+        elif isinstance(msg, Handback):
+            self._handback(link, msg)
+        elif isinstance(msg, Stats):
+            link.stats = WorkerStats.from_dict(_checked_stats(msg.values, link.capacity))
+        elif isinstance(msg, Bye):
+            if link.state is WorkerState.ACTIVE:
                 self._draining(link, msg.reason)
-            elif link is not None and isinstance(msg, Handback):
-                self._handback(link, msg.ids)
-            else:
-                raise ProtocolError(f"unexpected {type(msg).__name__} from worker {conn.peer}")
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__} from worker {link.conn.peer}")
 
-        reason = conn.serve(on_message)
-        if link is not None:
-            self._drop_worker(link, reason)
-
-    def _register(self, conn: Connection, reg: Register) -> WorkerLink:
-        if not 1 <= reg.capacity <= defaults.MAX_CAPACITY or not 0 <= reg.free <= reg.capacity:
-            raise ProtocolError(
-                f"bad registration: capacity {reg.capacity} (1 to {defaults.MAX_CAPACITY}), free {reg.free}"
-            )
-        if not 0 <= reg.port <= 65535 or reg.pid < 0 or not 0 < len(reg.id) <= 256 or len(reg.host) > 256:
-            raise ProtocolError(f"bad registration: id {reg.id[:40]!r}, host {reg.host[:40]!r}, port {reg.port}")
+    def _register(self, link: WorkerLink, reg: Register) -> None:
         old = self._workers.get(reg.id)
+        link.register(reg)
         if old is not None:
             old.conn.close("worker registered again on a new connection")
-            self._drop_worker(old, "replaced by a new connection")
-        link = WorkerLink(conn, reg)
+            self.drop_worker(old, "replaced by a new connection")
         self._workers[link.id] = link
-        self._free.add(link, reg.free)
-        log.info("worker %s registered from %s with %d processes (%d free)", link.id, conn.peer, reg.capacity, reg.free)
+        self._routes.update(link)
+        log.info(
+            "worker %s registered from %s with %d processes (%d free)", link.id, link.conn.peer, reg.capacity, reg.free
+        )
         self._workers_changed()
         self._pump()
-        return link
-
-    def _ready(self, link: WorkerLink, count: int) -> None:
-        """``count`` more of the worker's processes are free (tasks of an earlier link finished)."""
-        # Never believe more free processes than the worker registered: an absurd claim
-        # would make the manager overcommit it (and allocate routing buckets for it).
-        if count < 1 or link.free + len(link.inflight) + count > link.capacity:
-            raise ProtocolError(
-                f"worker {link.id} claims {count} more free processes, but it has {link.capacity},"
-                f" of which {link.free} are free and {len(link.inflight)} are running tasks"
-            )
-        if not link.draining:
-            self._free.add(link, count)
-            self._pump()
 
     def _draining(self, link: WorkerLink, reason: str) -> None:
         """The worker said goodbye: route it nothing more, and tell it so."""
         log.info("worker %s is draining: %s", link.id, reason)
-        link.draining = True
-        self._free.remove(link)
+        link.move(WorkerState.DRAINING)
+        self._routes.update(link)
         self._workers_changed()
         # Everything routed to it before this goodbye is ahead of it on the link: once the
         # worker reads this, it knows no further task can come (it hands back any that did).
         with contextlib.suppress(ConnectionLost):
             link.conn.send(Bye(f"manager {self.name} routes nothing more to worker {link.id}"))
 
-    def _handback(self, link: WorkerLink, ids: list[Any]) -> None:
-        """The worker returns tasks it will not run: queue them first, for another worker."""
-        held = link.inflight
-        if any(type(i) is not int or i not in held for i in ids) or len(set(ids)) != len(ids):
-            raise ProtocolError(f"worker {link.id} hands back tasks it does not hold: {ids!r:.60}")
-        jobs = [link.inflight.pop(job_id) for job_id in ids]
-        if not link.draining:
-            self._free.add(link, len(jobs))
-        for job in reversed(jobs):
-            job.worker = None
-            job.attempts -= 1  # it never ran
-            if job.wanted():
-                self._pending.appendleft(job)
-        self.handed_back += len(jobs)
-        log.info("worker %s handed back %d tasks it had not started", link.id, len(jobs))
-        self._pump()
-
-    def _drop_worker(self, link: WorkerLink, reason: str) -> None:
-        if self._workers.get(link.id) is not link:
+    def drop_worker(self, link: WorkerLink, reason: str) -> None:
+        """Forget a worker whose link ended; the tasks it held go back to the queue."""
+        if link.state is WorkerState.GONE:
             return
-        del self._workers[link.id]
-        self._free.remove(link)
+        registered, drained = link.state is not WorkerState.CONNECTED, link.state is WorkerState.DRAINING
+        link.move(WorkerState.GONE)
+        self._routes.update(link)
+        self._reclaiming -= link.reclaiming
+        link.reclaiming = 0
+        if self._workers.get(link.id) is link:
+            del self._workers[link.id]
+        if not registered:
+            return
         self._workers_changed()
-        jobs = list(link.inflight.values())
+        tickets = list(link.inflight.values())
         link.inflight.clear()
-        if link.draining and not jobs:
+        if drained and not tickets:
             log.info("worker %s (%s) left after draining", link.id, link.conn.peer)
         else:
             log.warning(
-                "worker %s (%s) lost: %s; %d running tasks to redeliver", link.id, link.conn.peer, reason, len(jobs)
+                "worker %s (%s) lost: %s; %d tasks it held to redeliver", link.id, link.conn.peer, reason, len(tickets)
             )
-        for job in reversed(jobs):
-            if not job.wanted():
+        for ticket in reversed(tickets):
+            if not ticket.wanted():
                 continue
-            if job.attempts >= defaults.MAX_ATTEMPTS:
+            if ticket.attempts >= defaults.MAX_ATTEMPTS:
                 self.failed += 1
-                job.client.reply(
+                ticket.client.reply(
                     Failure(
-                        job.task.id,
-                        "WorkerLost",
-                        f"the worker running the task was lost {job.attempts} times"
+                        ticket.task.id,
+                        WorkerLost.__name__,
+                        f"the worker running the task was lost {ticket.attempts} times"
                         f" (last: {link.id} at {link.conn.peer}: {reason})",
                     )
                 )
             else:
-                job.worker = None
-                self._pending.appendleft(job)
+                ticket.worker = None
+                self._pending.appendleft(ticket)
                 self.redelivered += 1
         self._pump()
 
@@ -327,23 +346,23 @@ class Manager(Server):
 
     def _workers_changed(self) -> None:
         """Note when the manager is left without a worker that takes tasks (for ``--worker-wait``)."""
-        if any(not link.draining for link in self._workers.values()):
+        if any(link.state is WorkerState.ACTIVE for link in self._workers.values()):
             self._unserved_since = None
         elif self._unserved_since is None:
-            self._unserved_since = time.monotonic()
+            self._unserved_since = self.clock()
             self._arm_worker_wait()
 
     def _arm_worker_wait(self) -> None:
         """Make sure queued tasks are failed once ``--worker-wait`` passes without a worker."""
         if self._unserved_since is not None and self._pending and self._waiting is None:
-            left = self._unserved_since + self.config.worker_wait - time.monotonic()
+            left = self._unserved_since + self.config.worker_wait - self.clock()
             self._waiting = gevent.spawn_later(max(0.0, left), self.fail_unserved)
 
     def fail_unserved(self, now: float | None = None) -> int:
         """Fail every queued task with ``NoWorkers`` if no worker has taken tasks for ``--worker-wait``.
 
         Args:
-            now: The monotonic time (for tests; default: now).
+            now: The time by :attr:`clock` (for tests; default: now).
 
         Returns:
             How many tasks failed.
@@ -352,19 +371,19 @@ class Manager(Server):
         since = self._unserved_since
         if since is None:
             return 0
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         if now - since < self.config.worker_wait:
             self._arm_worker_wait()  # the manager lost its workers again since this was armed
             return 0
-        jobs, self._pending = self._pending, deque()
+        tickets, self._pending = self._pending, deque()
         why = self._no_workers(now - since)
-        for job in jobs:
-            if job.wanted():
+        for ticket in tickets:
+            if ticket.wanted():
                 self.failed += 1
-                job.client.reply(Failure(job.task.id, NoWorkers.__name__, why))
-        if jobs:
-            log.warning("failed %d queued tasks: %s", len(jobs), why)
-        return len(jobs)
+                ticket.client.reply(Failure(ticket.task.id, NoWorkers.__name__, why))
+        if tickets:
+            log.warning("failed %d queued tasks: %s", len(tickets), why)
+        return len(tickets)
 
     def _no_workers(self, idle: float) -> str:
         return (
@@ -373,48 +392,97 @@ class Manager(Server):
         )
 
     def submit(self, client: ClientLink, task: Task) -> None:
-        """Queue a client's task, or reject it when the queue is full (or fail it: no workers)."""
+        """Queue a client's task, or reject it when ``queue_size`` tasks wait already.
+
+        Tasks wait here or in a worker's prefetch: both count, so a task that is accepted
+        waits for at most ``queue_size`` others, wherever they are.
+        """
         since = self._unserved_since
-        if since is not None and time.monotonic() - since >= self.config.worker_wait:
+        if since is not None and self.clock() - since >= self.config.worker_wait:
             self.failed += 1
-            client.conn.send(Failure(task.id, NoWorkers.__name__, self._no_workers(time.monotonic() - since)))
+            client.conn.send(Failure(task.id, NoWorkers.__name__, self._no_workers(self.clock() - since)))
             return
         limit = self.config.queue_size
-        if limit is not None and len(self._pending) >= limit and not self._free:
-            self.reject(client, task, f"manager {self.name} queue is full ({len(self._pending)} tasks waiting)")
-            return
+        if limit is not None and not self._routes.idle:
+            waiting = len(self._pending) + self._routes.waiting
+            if waiting >= limit:
+                self.reject(client, task, f"manager {self.name} queue is full ({waiting} tasks waiting)")
+                return
         self._next_id += 1
-        job = _Job(self._next_id, client, task)
-        client.jobs[task.id] = job
-        self._pending.append(job)
+        ticket = _Ticket(self._next_id, client, task, self.clock())
+        client.tasks[task.id] = ticket
+        self._pending.append(ticket)
         self._pump()
         self._arm_worker_wait()
 
     def _pump(self) -> None:
-        """Send queued tasks to free processes while there are both."""
-        pending = self._pending
+        """Send queued tasks to workers while there are both; then take back what waits needlessly."""
+        pending, routes = self._pending, self._routes
         while pending:
-            link = self._free.take()
+            link = routes.take()
             if link is None:
                 return
-            job = pending.popleft()
-            job.attempts += 1
-            job.worker = link
-            link.inflight[job.id] = job
-            task = job.task
+            ticket = pending.popleft()
+            ticket.attempts += 1
+            ticket.worker = link
+            link.inflight[ticket.id] = ticket
+            routes.update(link)
+            task = ticket.task
             try:
-                link.conn.send(Task(job.id, task.func, task.args, task.timeout))
+                link.conn.send(Task(ticket.id, task.func, task.args, task.timeout))
             except MessageTooLarge as exc:
-                del link.inflight[job.id]
-                self._free.add(link, 1)
+                del link.inflight[ticket.id]
+                routes.update(link)
                 self.failed += 1
-                job.client.reply(Failure(task.id, "MessageTooLarge", str(exc)))
+                ticket.client.reply(Failure(task.id, MessageTooLarge.__name__, str(exc)))
             except ConnectionLost as exc:
-                self._drop_worker(link, str(exc))
+                self.drop_worker(link, str(exc))
+        if routes.prefetching and routes.idle > self._reclaiming:
+            self._reclaim()
 
-    def _worker_reply(self, link: WorkerLink, msg: Result | Failure) -> None:
-        job = link.inflight.pop(msg.id, None)
-        if job is None:
+    def _reclaim(self) -> None:
+        """Ask workers holding unstarted tasks for as many as there are idle processes elsewhere."""
+        idle = self._routes.idle - self._reclaiming
+        for link in list(self._routes.prefetching):
+            if idle <= 0:
+                return
+            if link.reclaiming:
+                continue
+            count = min(len(link.inflight) - link.processes, idle)
+            try:
+                link.conn.send(Reclaim(count))
+            except ConnectionLost:
+                continue  # its connection is closing: dropping it returns its tasks anyway
+            link.reclaiming = count
+            self._reclaiming += count
+            idle -= count
+
+    def _handback(self, link: WorkerLink, msg: Handback) -> None:
+        """Tasks a worker handed back unstarted: to the front of the queue, in their order.
+
+        Raises:
+            ProtocolError: It hands back a task it does not hold (or one twice).
+        """
+        self._reclaiming -= link.reclaiming  # this answers the last Reclaim, if one was sent
+        link.reclaiming = 0
+        held = link.inflight
+        if any(i not in held for i in msg.ids) or len(set(msg.ids)) != len(msg.ids):
+            raise ProtocolError(f"worker {link.id} hands back tasks it does not hold: {msg.ids!r:.60}")
+        back = [held.pop(task_id) for task_id in msg.ids]
+        self._routes.update(link)
+        if back:
+            log.debug("worker %s handed back %d tasks (%s)", link.id, len(back), msg.reason)
+            self.handed_back += len(back)
+            for ticket in reversed(back):
+                ticket.attempts -= 1  # it never ran: this send does not count against MAX_ATTEMPTS
+                ticket.worker = None
+                if ticket.wanted():
+                    self._pending.appendleft(ticket)
+        self._pump()
+
+    def _reply(self, link: WorkerLink, msg: Result | Failure) -> None:
+        ticket = link.inflight.pop(msg.id, None)
+        if ticket is None:
             log.debug("worker %s replied to unknown task %d", link.id, msg.id)
             return
         if type(msg) is Result:
@@ -423,48 +491,49 @@ class Manager(Server):
         else:
             self.failed += 1
             link.failed += 1
-        if not link.draining:
-            self._free.add(link, 1)
+        self._routes.update(link)
         if self.latency is not None:
-            self.observe(job.arrived)
-        job.client.reply(Result(job.task.id, msg.value) if type(msg) is Result else msg._replace(id=job.task.id))
+            self.observe(ticket.arrived)
+        task_id = ticket.task.id
+        ticket.client.reply(Result(task_id, msg.value) if type(msg) is Result else msg._replace(id=task_id))
         self._pump()
 
     def cancel(self, client: ClientLink, task_id: int) -> bool:
-        """Drop a queued task (a running one finishes normally)."""
-        job = client.jobs.get(task_id)
-        if job is None or job.worker is not None:
+        """Drop a queued task (one a worker holds finishes normally)."""
+        ticket = client.tasks.get(task_id)
+        if ticket is None or ticket.worker is not None:
             return False
-        self._pending.remove(job)
-        client.reply(Failure(task_id, "TaskCancelled", "task cancelled before it started"))
+        self._pending.remove(ticket)
+        client.reply(Failure(task_id, TaskCancelled.__name__, "task cancelled before it started"))
         return True
 
     def client_gone(self, client: ClientLink) -> None:
-        """Forget the departed client's queued tasks; its running ones finish unseen."""
-        if client.jobs:
-            client.jobs.clear()
-            self._pending = deque(job for job in self._pending if job.client is not client)
+        """Forget the departed client's queued tasks; those workers hold finish unseen."""
+        if client.tasks:
+            client.tasks.clear()
+            self._pending = deque(ticket for ticket in self._pending if ticket.client is not client)
 
     # -- reporting and stopping -------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """Workers, capacity, queue length and counters."""
-        workers = [link.describe() for link in self._workers.values()]
+        rows = [link.row() for link in self._workers.values()]
         since = self._unserved_since
         return {
             **self.base_status(),
-            "workers": workers,
-            "capacity": sum(w["capacity"] for w in workers if not w["draining"]),
-            "busy": sum(w["busy"] for w in workers),
+            "workers": [row.as_dict() for row in rows],
+            "capacity": sum(row.capacity for row in rows if not row.draining),
+            "busy": sum(row.busy for row in rows),
+            "prefetched": sum(row.prefetched for row in rows),
             "queued": len(self._pending),
             "redelivered": self.redelivered,
             "handed_back": self.handed_back,
             "worker_wait": self.config.worker_wait,
-            "no_workers_for": None if since is None else round(time.monotonic() - since, 1),
+            "no_workers_for": None if since is None else round(self.clock() - since, 1),
         }
 
     def busy(self) -> int:
-        """Tasks queued or running."""
+        """Tasks queued or held by workers."""
         return len(self._pending) + sum(len(w.inflight) for w in self._workers.values())
 
     def shutdown(self, grace: float | None = None) -> None:
@@ -477,4 +546,4 @@ class Manager(Server):
             gevent.sleep(0.05)
         self.close_connections()
         log.info("manager %s stopped", self.name)
-        self.stopped()
+        self.mark_stopped()

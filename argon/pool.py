@@ -9,6 +9,10 @@ submits it, and the reply is read by an I/O watcher callback that hands it on an
 gives the process its next job, so the common path costs no greenlet switch. Only the
 rare paths (starting, replacing and reaping processes) run in greenlets.
 
+Jobs wait in the pool's one queue, never in a process's pipe: a task is written to a
+process only when that process is idle, so no task waits behind a running one while
+another process of the pool is free.
+
 A process that dies fails only its task, with :class:`~argon.errors.ProcessDied`, and is
 replaced. A task that overruns its time limit has its process killed and fails with
 :class:`~argon.errors.TaskTimeout`. With ``max_requests`` a process is retired after that
@@ -37,8 +41,9 @@ import psutil
 
 from argon import defaults
 from argon.backoff import Backoff
-from argon.errors import ProcessDied, ProtocolError
+from argon.errors import ProcessDied, ProtocolError, TaskTimeout
 from argon.protocol import Buffer, Failure, FrameBuffer, Hello, Result, Task, decode, encode_parts, frame_parts
+from argon.states import ProcessState, advance
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +93,7 @@ class Job:
 
 
 class PoolProcess:
-    """One pool process, its pipes and the job it is running."""
+    """One pool process, its pipes and the job it is running (see :class:`ProcessState`)."""
 
     def __init__(self, python: str, max_frame: int, env: dict[str, str]) -> None:
         self.max_frame = max_frame
@@ -102,9 +107,9 @@ class PoolProcess:
         self.pid: int = self.popen.pid
         self.tasks = 0
         self.started = time.time()
-        self.alive = True
+        self.state = ProcessState.STARTING
         self.job: Job | None = None
-        self.timed_out = False
+        self.began = 0.0  # when (monotonic) its current task was written to it
         self.spare: gevent.Greenlet | None = None
         self._to_child = self.popen.stdin.fileno()
         self._from_child = self.popen.stdout.fileno()
@@ -118,6 +123,14 @@ class PoolProcess:
         self._timer: Any = None
         self._pending: list[Buffer] = []
         self._frames = FrameBuffer(max_frame)
+
+    def __repr__(self) -> str:
+        return f"<PoolProcess {self.pid} {self.state.value} tasks={self.tasks}>"
+
+    def move(self, state: ProcessState) -> None:
+        """Change state (see :data:`argon.states.MOVES`); a move to the same state is a no-op."""
+        if state is not self.state:
+            self.state = advance(self.state, state, self)  # type: ignore[assignment]
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Wait (in a greenlet) for the process's hello.
@@ -140,13 +153,16 @@ class PoolProcess:
                     frames = self._frames.feed(data)
             if not frames or type(decode(frames[0])) is not Hello:
                 raise ProcessDied(f"pool process {self.pid} {self.exit_status()} while starting")
+            self.move(ProcessState.IDLE)
         except BaseException:
             self.kill()
             raise
 
     def begin(self, job: Job, on_timeout: Callable[[PoolProcess], None]) -> None:
         """Hand ``job`` to the process: write its task (the rest later if the pipe is full)."""
+        self.move(ProcessState.BUSY)
         self.job = job
+        self.began = time.monotonic()
         self.tasks += 1
         task = job.task
         if task.timeout:
@@ -188,7 +204,9 @@ class PoolProcess:
         return self._frames.feed(data) if data else None
 
     def finish(self) -> Job | None:
-        """Forget the running job (its reply is in) and return it."""
+        """Forget the running job (its reply is in) and return it; a busy process is idle again."""
+        if self.state is ProcessState.BUSY:
+            self.move(ProcessState.IDLE)
         job, self.job = self.job, None
         if self._timer is not None:
             self._timer.close()
@@ -199,7 +217,6 @@ class PoolProcess:
 
     def exit_status(self) -> str:
         """Reap the process (in a greenlet) and describe how it ended."""
-        self.alive = False
         try:
             code = self.popen.wait(timeout=STOP_TIMEOUT)
         except gevent.subprocess.TimeoutExpired:
@@ -215,24 +232,27 @@ class PoolProcess:
 
     def retire(self) -> None:
         """Close its input so it exits; kill it if it lingers (in a greenlet)."""
-        self.alive = False
+        self.move(ProcessState.RETIRING)
         self.readable.stop()
         try:
             self.popen.stdin.close()
             self.popen.wait(timeout=STOP_TIMEOUT)
         except (OSError, gevent.subprocess.TimeoutExpired):
             self.kill()
-        self._close()
+        self.close()
 
     def kill(self) -> None:
         """Kill the process at once and reap it."""
-        self.alive = False
         with contextlib.suppress(OSError):
             self.popen.kill()
             self.popen.wait()
-        self._close()
+        self.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Release its watchers and pipes once it has exited (idempotent)."""
+        if self.state is ProcessState.DEAD:
+            return
+        self.move(ProcessState.DEAD)
         self.readable.close()
         self._writable.close()
         if self._timer is not None:
@@ -254,6 +274,8 @@ class Pool:
             the bounded retries of ``restart`` (the pool runs on with fewer processes; with
             none left, its queued jobs fail with ``ProcessDied``).
         restart: Makes the :class:`~argon.backoff.Backoff` of each attempt to start a process.
+        observe: Called with each task's run time in seconds (from the moment it was
+            written to its process to its reply), as the reply is delivered.
     """
 
     def __init__(
@@ -265,8 +287,10 @@ class Pool:
         python: str = sys.executable,
         on_broken: Callable[[str], None] | None = None,
         restart: Callable[[], Backoff] = Backoff.pool_start,
+        observe: Callable[[float], None] | None = None,
     ) -> None:
         self.size = size or default_size()
+        self._observe = observe
         self.max_requests = max_requests
         self.max_frame = max_frame
         self.python = python
@@ -388,7 +412,7 @@ class Pool:
                 gevent.spawn(self._died, process, f"pool process {process.pid} sent an unexpected reply")
                 return
             self._deliver(process, reply)
-            if process.timed_out:
+            if process.state is ProcessState.OVERDUE:
                 # Its time limit ran out just as the reply came: the reply stands, but the
                 # process is being killed, so it takes no further job.
                 process.readable.stop()
@@ -402,6 +426,8 @@ class Pool:
     def _deliver(self, process: PoolProcess, reply: Reply) -> None:
         job = process.finish()
         assert job is not None
+        if self._observe is not None:
+            self._observe(time.monotonic() - process.began)
         self.running -= 1
         self.outstanding -= 1
         if type(reply) is Result:
@@ -417,33 +443,36 @@ class Pool:
 
     def _on_timeout(self, process: PoolProcess) -> None:
         """Hub callback: the running task is overdue; kill its process (the reader reports it)."""
-        process.timed_out = True
+        process.move(ProcessState.OVERDUE)
         with contextlib.suppress(OSError):
             process.popen.kill()
 
     def _died(self, process: PoolProcess, why: str = "") -> None:
         """Greenlet: fail the dead process's task with how it ended, and replace it."""
         status = process.exit_status()
+        overdue = process.state is ProcessState.OVERDUE
         job = process.job
         if job is not None:
             task = job.task
-            if process.timed_out:
+            if overdue:
                 reply = Failure(
                     task.id,
-                    "TaskTimeout",
+                    TaskTimeout.__name__,
                     f"task ran past its {task.timeout}s time limit; pool process {process.pid} was killed",
                 )
             else:
                 reply = Failure(
-                    task.id, "ProcessDied", why or f"pool process {process.pid} {status} while running the task"
+                    task.id, ProcessDied.__name__, why or f"pool process {process.pid} {status} while running the task"
                 )
             log.warning("%s", reply.message)  # always a Failure here
             self._deliver(process, reply)
-        elif not self._closing and not process.timed_out:
+        elif not self._closing and not overdue:
             log.warning("idle pool process %d %s", process.pid, status)
+        process.close()
         self._replace(process)
 
     def _retire(self, process: PoolProcess) -> None:
+        process.move(ProcessState.RETIRING)
         gevent.spawn(process.retire)
         self._replace(process)
 
@@ -482,15 +511,39 @@ class Pool:
         except Exception:
             log.exception("error delivering the reply to task %s", job.task.id)
 
-    def cancel(self, match: Callable[[Job], bool]) -> list[Job]:
-        """Remove queued (not yet running) jobs for which ``match`` is true and return them."""
-        dropped = [job for job in self._jobs if match(job)]
+    def cancel(self, match: Callable[[Job], bool], limit: int | None = None) -> list[Job]:
+        """Remove queued (not yet running) jobs for which ``match`` is true and return them.
+
+        They will never run here. With ``limit``, at most that many, the newest first (those
+        that would wait longest); either way they are returned oldest first.
+        """
+        if limit is None:
+            dropped = [job for job in self._jobs if match(job)]
+        else:
+            dropped = []
+            for job in reversed(self._jobs):
+                if len(dropped) >= limit:
+                    break
+                if match(job):
+                    dropped.append(job)
+            dropped.reverse()
         if dropped:
-            self._jobs = deque(job for job in self._jobs if not match(job))
+            gone = set(map(id, dropped))
+            self._jobs = deque(job for job in self._jobs if id(job) not in gone)
             self.outstanding -= len(dropped)
             if not self.outstanding:
                 self._drained.set()
         return dropped
+
+    def youngest(self, now: float) -> float | None:
+        """How long ago the newest running task started, if every process is busy; else None.
+
+        While none of the processes is free, a queued job waits at least until one of
+        them finishes: if even the newest task has run long, they may all run long.
+        """
+        if self._idle or not self.running or self.running < len(self._processes):
+            return None
+        return now - max(process.began for process in self._processes)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is queued or running; False if ``timeout`` passed first."""

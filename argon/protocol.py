@@ -22,7 +22,8 @@ from argon import defaults
 from argon.errors import ProtocolError
 
 #: Bumped when a change would break older peers; older peers are refused at hello.
-VERSION = 1
+#: Version 2 (Argon 0.2): credits, steal-back and batch frames; ``Ready`` is retired.
+VERSION = 2
 
 #: Frame header: the length of the rest of the frame.
 HEADER = struct.Struct("!I")
@@ -43,6 +44,7 @@ _LIST = frozenset({list})
 _NUMBER = frozenset({float, int})
 _OPT_NUMBER = frozenset({float, int, type(None)})
 _OPT_BYTES = frozenset({bytes, type(None)})
+_LIST = frozenset({list})
 
 
 class Hello(NamedTuple):
@@ -59,6 +61,8 @@ class Hello(NamedTuple):
             often, so the sender never mistakes an idle link for a dead one.
         max_frame: Largest frame the sender accepts; the peer refuses to send a larger
             one and reports a clear error instead (0: not announced).
+        batch: Most messages the sender accepts in one :class:`Batch` frame (0: send it
+            none).
     """
 
     version: int
@@ -69,6 +73,7 @@ class Hello(NamedTuple):
     serializer: str = ""
     heartbeat: float = 0.0
     max_frame: int = 0
+    batch: int = 0
 
 
 class Task(NamedTuple):
@@ -121,7 +126,8 @@ class Register(NamedTuple):
         host: Address the worker listens on.
         port: Port the worker listens on.
         capacity: Number of pool processes.
-        free: Processes free right now (fewer than capacity after a reconnect).
+        free: Processes free right now (fewer than capacity after a reconnect): the
+            manager may send this many tasks until the worker's first :class:`Credit`.
         pid: The worker's process id.
     """
 
@@ -133,10 +139,40 @@ class Register(NamedTuple):
     pid: int = 0
 
 
-class Ready(NamedTuple):
-    """A worker has ``free`` more free processes than the manager knows about."""
+class Credit(NamedTuple):
+    """Worker to manager: how many of the manager's tasks the worker will hold.
 
-    free: int
+    Each credit replaces the last one (it is a level, not an increment), so a worker
+    can raise or lower it at any time and a lost race costs nothing: tasks already on
+    the way are taken and held.
+
+    Attributes:
+        window: Most tasks from this manager the worker holds at once (sent and not yet
+            answered, handed back or lost), running or waiting.
+        processes: How many of them start at once: the worker's processes that are this
+            manager's to fill. The ``window - processes`` others wait in the worker
+            (its prefetch), and the manager may take them back with :class:`Reclaim`.
+    """
+
+    window: int
+    processes: int
+
+
+class Reclaim(NamedTuple):
+    """Manager to worker: hand back up to ``limit`` tasks that have not started."""
+
+    limit: int
+
+
+class Batch(NamedTuple):
+    """Several messages in one frame (one header, one MAC, one decode).
+
+    A connection packs small messages that queue up together into one batch, up to the
+    peer's :attr:`Hello.batch`; the receiver handles them in order, as if each had
+    come in a frame of its own. A batch never holds another batch.
+    """
+
+    messages: list[Message]
 
 
 class Ping(NamedTuple):
@@ -190,37 +226,61 @@ class NotCancelled(NamedTuple):
 
 
 class Handback(NamedTuple):
-    """Worker to manager: tasks it was sent but will not run (it is draining); send them elsewhere.
+    """Worker to manager: tasks it was sent and will never run; the manager sends them elsewhere.
+
+    Sent when the manager asks for them back (:class:`Reclaim`; possibly with no ids: all
+    had started), unasked when the worker sees its waiting tasks would wait behind long
+    ones, and when it drains.
 
     Attributes:
-        ids: The manager's ids of the tasks, none of which has started.
+        ids: The manager's ids of the tasks, none of which has started, oldest first.
+        reason: Why, for the logs.
     """
 
-    ids: list
+    ids: list[int]
+    reason: str = ""
 
 
 Message = (
-    Hello | Task | Result | Failure | Register | Ready | Ping | StatusRequest | StatusReply | Stats | Cancel | Bye
-    | NotCancelled | Handback
+    Hello
+    | Task
+    | Result
+    | Failure
+    | Register
+    | Ping
+    | StatusRequest
+    | StatusReply
+    | Stats
+    | Cancel
+    | Bye
+    | NotCancelled
+    | Handback
+    | Credit
+    | Reclaim
+    | Batch
 )
 
 #: Wire kind of each message type, and the type of each field (checked on decode).
+#: Kind 6 (``Ready``, protocol version 1) is retired: :class:`Credit` replaced it.
 _SPEC: dict[type, tuple[int, tuple[frozenset[Any], ...]]] = {
-    Hello: (1, (_INT, _STR, _STR, _STR, _STR, _STR, _NUMBER, _INT)),
+    Hello: (1, (_INT, _STR, _STR, _STR, _STR, _STR, _NUMBER, _INT, _INT)),
     Task: (2, (_INT, _BYTES, _BYTES, _OPT_NUMBER)),
     Result: (3, (_INT, _BYTES)),
     Failure: (4, (_INT, _STR, _STR, _OPT_BYTES, _STR)),
     Register: (5, (_STR, _STR, _INT, _INT, _INT, _INT)),
-    Ready: (6, (_INT,)),
     Ping: (7, ()),
     StatusRequest: (8, (_INT,)),
     StatusReply: (9, (_INT, _DICT)),
     Stats: (10, (_DICT,)),
     Cancel: (11, (_INT,)),
     Bye: (12, (_STR, _STR)),
-    Handback: (13, (_LIST,)),
+    Handback: (13, (_LIST, _STR)),
+    Credit: (20, (_INT, _INT)),
+    Reclaim: (21, (_INT,)),
+    Batch: (22, (_LIST,)),
     NotCancelled: (30, (_INT,)),
 }
+BATCH_KIND = 22
 _KIND = {cls: kind for cls, (kind, _) in _SPEC.items()}
 _BY_KIND: dict[int, tuple[type, tuple[frozenset[Any], ...], int]] = {
     kind: (cls, types, len(types) - len(cls._field_defaults))  # type: ignore[attr-defined]
@@ -233,6 +293,8 @@ _PAYLOADS = {Task: (2, 3), Result: (2,), Failure: (4,)}
 _unpackb = msgpack.unpackb
 _packb = msgpack.packb
 _new_tuple = tuple.__new__
+#: Kinds with a list field whose items need a check of their own.
+_LISTS = frozenset({Handback, Batch})
 
 
 def encode(msg: Message) -> bytes:
@@ -244,7 +306,27 @@ def encode(msg: Message) -> bytes:
     Returns:
         The msgpack body.
     """
+    if type(msg) is Batch:
+        return _packb([BATCH_KIND, [[_KIND[type(item)], *item] for item in msg.messages]])
     return _packb([_KIND[type(msg)], *msg])
+
+
+def batch_body(bodies: list[bytes]) -> bytes:
+    """The body of a :class:`Batch` of messages already encoded by :func:`encode`.
+
+    The encoded bodies are msgpack arrays themselves, so they are joined as they are,
+    behind the headers of ``[BATCH_KIND, [...]]``: nothing is encoded twice.
+    """
+    return b"\x92\x16" + _array_header(len(bodies)) + b"".join(bodies)
+
+
+def _array_header(count: int) -> bytes:
+    """The msgpack header of an array of ``count`` elements."""
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 0x10000:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
 
 
 def decode(body: Buffer, max_items: int = defaults.MAX_ITEMS) -> Message:
@@ -255,7 +337,7 @@ def decode(body: Buffer, max_items: int = defaults.MAX_ITEMS) -> Message:
         max_items: Most elements any array or map in it may have.
 
     Returns:
-        The message.
+        The message (a :class:`Batch` holds messages checked the same way).
 
     Raises:
         ProtocolError: The body is not valid msgpack, not a known message, or a field
@@ -270,6 +352,14 @@ def decode(body: Buffer, max_items: int = defaults.MAX_ITEMS) -> Message:
         obj = _unpackb(body, max_array_len=min(max_items, size), max_map_len=min(max_items, size // 2))
     except Exception as exc:  # msgpack raises many unrelated types on bad input
         raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
+    msg = _message(obj)
+    if type(msg) is Batch:
+        return Batch([_message(item, nested=True) for item in msg.messages])
+    return msg
+
+
+def _message(obj: Any, nested: bool = False) -> Message:
+    """Check a decoded ``[kind, field, ...]`` array and build its message."""
     if type(obj) is not list or not obj or type(obj[0]) is not int:
         raise ProtocolError("frame is not a message array")
     spec = _BY_KIND.get(obj[0])
@@ -282,9 +372,14 @@ def decode(body: Buffer, max_items: int = defaults.MAX_ITEMS) -> Message:
     for value, expected in zip(fields, types):  # noqa: B905 - fields may be fewer than types
         if type(value) not in expected:
             raise ProtocolError(f"{cls.__name__}: bad field {value!r:.40}")
+    if cls in _LISTS:
+        if nested and cls is Batch:
+            raise ProtocolError("a batch may not hold another batch")
+        if cls is Handback and any(type(item) is not int for item in fields[0]):
+            raise ProtocolError("Handback: ids must be integers")
     if len(fields) == len(types):
-        return _new_tuple(cls, fields)  # all fields present: skip NamedTuple's keyword handling
-    return cls(*fields)
+        return _new_tuple(cls, fields)  # type: ignore[no-any-return]  # all fields present: skip keyword handling
+    return cls(*fields)  # type: ignore[no-any-return]
 
 
 def encode_parts(msg: Message) -> list[bytes]:

@@ -19,6 +19,7 @@ import signal
 import sys
 from typing import BinaryIO
 
+from argon.errors import TASK_ERROR, MessageTooLarge
 from argon.osutil import die_with_parent
 from argon.protocol import VERSION, Failure, Hello, Result, Task, decode, encode_parts, frame_parts, read_frame
 from argon.serialize import LoadedFunctions, dumps, dumps_exception, loads
@@ -34,10 +35,11 @@ def _private_pipes() -> tuple[BinaryIO, int]:
     return stdin, stdout
 
 
-def _send(fd: int, msg: Hello | Result | Failure) -> int:
-    """Write one frame with ``writev`` (a large result is not copied); return its body size."""
-    parts = frame_parts(encode_parts(msg))
-    size = sum(len(part) for part in parts) - 4
+def _send(fd: int, parts: list[bytes]) -> None:
+    """Write one frame of :func:`encode_parts` buffers with ``writev`` (a large result is not copied)."""
+    parts = frame_parts(parts)
+    if len(parts) == 1 and os.write(fd, parts[0]) == len(parts[0]):
+        return  # the usual case: a small reply, taken by the pipe at once
     views = [memoryview(part) for part in parts]
     while views:
         written = os.writev(fd, views)
@@ -45,7 +47,6 @@ def _send(fd: int, msg: Hello | Result | Failure) -> int:
             written -= len(views.pop(0))
         if views:
             views[0] = views[0][written:]
-    return size
 
 
 def run(task: Task, functions: LoadedFunctions) -> Result | Failure:
@@ -57,7 +58,7 @@ def run(task: Task, functions: LoadedFunctions) -> Result | Failure:
         return Result(task.id, dumps(value))
     except BaseException as exc:  # the task's own errors, SystemExit included, go to the client
         payload, message, text = dumps_exception(exc)
-        return Failure(task.id, "TaskError", message, payload, text)
+        return Failure(task.id, TASK_ERROR, message, payload, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,20 +72,23 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(parent)
     stdin, stdout = _private_pipes()
     functions = LoadedFunctions()
-    _send(stdout, Hello(VERSION, "pool", str(os.getpid())))
+    _send(stdout, encode_parts(Hello(VERSION, "pool", str(os.getpid()))))
     while (body := read_frame(stdin, max_frame)) is not None:
         task = decode(body)
         if type(task) is not Task:
             return 2
         reply = run(task, functions)
-        size = sum(len(part) for part in encode_parts(reply)) if isinstance(reply, Result) else 0
+        parts = encode_parts(reply)
+        size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
         if size > max_frame:
-            reply = Failure(
-                task.id,
-                "MessageTooLarge",
-                f"the result of {size} bytes exceeds the {max_frame} byte limit (--max-frame)",
+            parts = encode_parts(
+                Failure(
+                    task.id,
+                    MessageTooLarge.__name__,
+                    f"the result of {size} bytes exceeds the {max_frame} byte limit (--max-frame)",
+                )
             )
-        _send(stdout, reply)
+        _send(stdout, parts)
     return 0
 
 

@@ -15,6 +15,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import gevent
@@ -24,7 +25,7 @@ from gevent.server import StreamServer
 from argon import defaults
 from argon._version import __version__
 from argon.connection import Connection, accept
-from argon.errors import ArgonError, ConnectionLost, ProtocolError, ShuttingDown
+from argon.errors import ArgonError, ConnectionLost, ProtocolError, ShuttingDown, TaskRejected
 from argon.protocol import Bye, Cancel, Failure, Message, NotCancelled, Result, StatusReply, StatusRequest, Task
 from argon.security import BUSY, SHUTTING_DOWN, is_loopback, refuse
 
@@ -82,17 +83,25 @@ class Histogram(Protocol):
 
 
 class ClientLink:
-    """A connected client and the tasks it has in this server."""
+    """A connected client and the tasks it has in this server.
 
-    __slots__ = ("conn", "jobs")
+    Attributes:
+        conn: Its connection.
+        tasks: The server's record of each of its tasks, by the client's task id.
+    """
+
+    __slots__ = ("conn", "tasks")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.jobs: dict[int, Any] = {}
+        self.tasks: dict[int, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<ClientLink {self.conn.peer} with {len(self.tasks)} tasks>"
 
     def reply(self, msg: Result | Failure) -> None:
         """Send a task's reply if the task is still wanted and the client still here."""
-        if self.jobs.pop(msg.id, None) is not None and not self.conn.closed:
+        if self.tasks.pop(msg.id, None) is not None and not self.conn.closed:
             self.conn.reply(msg)
 
 
@@ -108,8 +117,9 @@ class Server:
     completed: int
     failed: int
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock
         self.started = time.time()
         self.address: tuple[str, int] = (config.host, config.port)
         self.rejected = 0
@@ -165,9 +175,9 @@ class Server:
         return round((self.completed + self.failed - count) / elapsed, 1) if elapsed > 0 else 0.0
 
     def observe(self, started: float) -> None:
-        """Record the latency of a task that arrived at ``started`` (monotonic), if measured."""
+        """Record the latency of a task that arrived at ``started`` (by :attr:`clock`), if measured."""
         if self.latency is not None:
-            self.latency.observe(time.monotonic() - started)
+            self.latency.observe(self.clock() - started)
 
     def serve_forever(self) -> None:
         """Start (if needed) and block until :meth:`shutdown` has finished."""
@@ -251,13 +261,18 @@ class Server:
         """Serve a client link: tasks, cancellations, status requests."""
         client = ClientLink(conn)
         log.debug("client %s connected", conn.peer)
-        reason = conn.serve(lambda msg: self._client_message(client, msg), misses=0)
+        reason = conn.serve(lambda msg: self.client_message(client, msg), misses=0)
         log.debug("client %s left: %s", conn.peer, reason)
         self.client_gone(client)
 
-    def _client_message(self, client: ClientLink, msg: Message) -> None:
+    def client_message(self, client: ClientLink, msg: Message) -> None:
+        """Handle one message from a client (its connection calls this for each).
+
+        Raises:
+            ProtocolError: The client sent something it may not (its connection closes).
+        """
         if isinstance(msg, Task):
-            if msg.id in client.jobs:
+            if msg.id in client.tasks:
                 raise ProtocolError(f"task id {msg.id} is already in use")
             if self.stopping:
                 self.reject(client, msg, f"{self.role} {self.name} is shutting down")
@@ -276,7 +291,7 @@ class Server:
     def reject(self, client: ClientLink, task: Task, why: str) -> None:
         """Refuse a task at once (the client retries it later)."""
         self.rejected += 1
-        client.conn.send(Failure(task.id, "TaskRejected", why))
+        client.conn.send(Failure(task.id, TaskRejected.__name__, why))
 
     def submit(self, client: ClientLink, task: Task) -> None:
         """Accept, queue or reject a task from a client."""
@@ -334,7 +349,7 @@ class Server:
             conn.flush(max(0.0, deadline - time.monotonic()))
             conn.close("server stopped")
 
-    def stopped(self) -> None:
+    def mark_stopped(self) -> None:
         """Mark the server as fully stopped (releases :meth:`serve_forever`)."""
         if self._sampler is not None:
             self._sampler.kill(block=False)

@@ -4,12 +4,17 @@ Stand-alone (no manager), the worker listens for clients and queues their tasks 
 pool, rejecting new ones beyond ``queue_size`` waiting tasks.
 
 Managed (``manager=(host, port)``), it dials the manager, registers its capacity and
-runs what the manager sends. If the link drops it reconnects with capped backoff and
-registers again. Tasks the manager sent that had not started are dropped at once (the
-manager re-sends them elsewhere); tasks already running finish, but their results
-belong to a connection that is gone, so they are logged and counted as ``discarded``
-rather than delivered. Until those tasks finish, the processes they hold are
-registered as busy. A managed worker still listens, for status requests.
+runs what the manager sends, holding at most what its credit allows: its free processes
+plus a prefetch that :class:`~argon.flow.Prefetch` sizes from how long its tasks take. It
+hands back tasks it has not started when the manager asks (another process is idle), when
+every one of its processes is stuck on a task far longer than usual, and when it drains.
+
+If the link drops it reconnects with capped backoff and registers again. Tasks the
+manager sent that had not started are dropped at once (the manager re-sends them
+elsewhere); tasks already running finish, but their results belong to a connection that
+is gone, so they are logged and counted as ``discarded`` rather than delivered. Until
+those tasks finish, the processes they hold are registered as busy. A managed worker
+still listens, for status requests.
 """
 
 from __future__ import annotations
@@ -31,22 +36,84 @@ import psutil
 from argon import defaults
 from argon.backoff import Backoff
 from argon.connection import Connection, connect
-from argon.errors import ArgonError, ConnectionLost, ProtocolError
+from argon.errors import ArgonError, ConnectionLost, ProtocolError, TaskCancelled
+from argon.flow import Prefetch
 from argon.pool import Job, Pool, Reply
-from argon.protocol import Bye, Failure, Handback, Message, Ready, Register, Stats, StatusReply, StatusRequest, Task
+from argon.protocol import (
+    Bye,
+    Credit,
+    Failure,
+    Handback,
+    Message,
+    Reclaim,
+    Register,
+    Stats,
+    StatusReply,
+    StatusRequest,
+    Task,
+)
 from argon.server import ClientLink, Server, ServerConfig
+from argon.states import LinkState, advance
+from argon.status import WorkerRow, WorkerStats
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class WorkerConfig(ServerConfig):
-    """Worker settings on top of :class:`~argon.server.ServerConfig`."""
+    """Worker settings on top of :class:`~argon.server.ServerConfig`.
+
+    ``processes`` is the pool size (``--workers`` on the command line).
+    """
 
     manager: tuple[str, int] | None = None
-    workers: int | None = None
+    processes: int | None = None
     max_requests: int | None = None
     manager_tls: ssl.SSLContext | None = None
+
+
+class ManagerLink:
+    """This worker's link to its manager and the credit granted on it (see :class:`LinkState`).
+
+    Attributes:
+        address: The manager's ``(host, port)``.
+        state: Where the link is in its life cycle.
+        conn: The current connection (None while dialing or lost).
+        session: Counts connections; a task's reply goes only to the connection it came on.
+        window: The credit granted on this connection: most tasks held at once.
+        processes: How many of them start at once.
+        foreign: Processes still running tasks of an earlier connection.
+        stalled: Prefetch is off until a process frees up (all were stuck on long tasks).
+        released: Set once the manager will route nothing more on this connection (it
+            answered our goodbye, or the connection closed).
+    """
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.state = LinkState.DIALING
+        self.conn: Connection | None = None
+        self.session = 0
+        self.window = 0
+        self.processes = 0
+        self.foreign = 0
+        self.stalled = False
+        self.released = gevent.event.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"<ManagerLink {self.address[0]}:{self.address[1]} {self.state.value} session {self.session},"
+            f" credit {self.window}/{self.processes}>"
+        )
+
+    def move(self, state: LinkState) -> None:
+        """Change state (see :data:`argon.states.MOVES`)."""
+        self.state = advance(self.state, state, self)  # type: ignore[assignment]
+
+    @property
+    def open(self) -> bool:
+        """Whether tasks may still come and replies go on the current connection."""
+        conn = self.conn
+        return conn is not None and not conn.closed and self.state in (LinkState.SERVING, LinkState.DRAINING)
 
 
 class Worker(Server):
@@ -59,29 +126,33 @@ class Worker(Server):
         super().__init__(config)
         self.config: WorkerConfig = config
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.prefetch = Prefetch()
         self.pool = Pool(
-            config.workers, max_requests=config.max_requests, max_frame=config.max_frame, on_broken=self._pool_broken
+            config.processes,
+            max_requests=config.max_requests,
+            max_frame=config.max_frame,
+            observe=self.prefetch.observe,
+            on_broken=self._pool_broken,
         )
         #: Why this worker stopped on its own (its pool broke), or None.
         self.failure: str | None = None
         self.discarded = 0
-        self._link: Connection | None = None
-        self._session = 0
-        self._released = gevent.event.Event()  # set once the manager will route us nothing more
         self.handed_back = 0
+        self.link = ManagerLink(config.manager) if config.manager is not None else None
         self._linker: gevent.Greenlet | None = None
+        self._watch: Any = None  # timer looking for stalls while tasks wait in the pool
 
     @property
     def managed(self) -> bool:
         """Whether this worker serves a manager."""
-        return self.config.manager is not None
+        return self.link is not None
 
     def start(self) -> None:
         """Start the pool, then listen, then (if managed) dial the manager."""
         self.pool.start()
         super().start()
-        if self.config.manager is not None:
-            self._linker = gevent.spawn(self._manager_loop, *self.config.manager)
+        if self.link is not None:
+            self._linker = gevent.spawn(self._manager_loop, self.link)
 
     def handle(self, conn: Connection) -> None:
         """Serve a client (a managed worker only answers status requests)."""
@@ -95,23 +166,18 @@ class Worker(Server):
 
     def submit(self, client: ClientLink, task: Task) -> None:
         """Queue a client's task for the pool, or reject it."""
-        if self.config.manager is not None:
-            client.conn.send(
-                Failure(
-                    task.id,
-                    "ProtocolError",
-                    f"worker {self.name} takes tasks only from"
-                    f" its manager at {self.config.manager[0]}:{self.config.manager[1]}",
-                )
-            )
+        if self.link is not None:
+            host, port = self.link.address
+            why = f"worker {self.name} takes tasks only from its manager at {host}:{port}"
+            client.conn.send(Failure(task.id, ProtocolError.__name__, why))
             return
         limit = self.config.queue_size
         pool = self.pool
         if limit is not None and pool.outstanding - pool.size >= limit:
             self.reject(client, task, f"worker {self.name} queue is full ({pool.queued} tasks waiting)")
             return
-        job = Job(task, self._timed(client.reply, time.monotonic()), client)
-        client.jobs[task.id] = job
+        job = Job(task, self._timed(client.reply, self.clock()), client)
+        client.tasks[task.id] = job
         pool.submit(job)
 
     # The pool already counts every reply it delivers: these are its figures.
@@ -136,20 +202,21 @@ class Worker(Server):
 
     def cancel(self, client: ClientLink, task_id: int) -> bool:
         """Drop a client's task if it is still waiting for a process."""
-        job = client.jobs.get(task_id)
+        job = client.tasks.get(task_id)
         if job is None or not self.pool.cancel(lambda j: j is job):
             return False
-        client.reply(Failure(task_id, "TaskCancelled", "task cancelled before it started"))
+        client.reply(Failure(task_id, TaskCancelled.__name__, "task cancelled before it started"))
         return True
 
     def client_gone(self, client: ClientLink) -> None:
         """Drop the departed client's queued tasks; running ones finish unseen."""
-        client.jobs.clear()
+        client.tasks.clear()
         self.pool.cancel(lambda job: job.tag is client)
 
     # -- managed: the link to the manager ---------------------------------------------------------
 
-    def _manager_loop(self, host: str, port: int) -> None:
+    def _manager_loop(self, link: ManagerLink) -> None:
+        host, port = link.address
         backoff = Backoff.reconnect()  # unbounded on purpose: a worker waits for its manager
         failures = 0
         while not self.stopping:
@@ -171,41 +238,55 @@ class Worker(Server):
             else:
                 failures = 0
                 backoff.reset()
-                self._serve_manager(conn)
+                self._serve_manager(link, conn)
                 if self.stopping:
                     return
+                link.move(LinkState.DIALING)
             gevent.sleep(backoff.next_delay() or defaults.RECONNECT_MAX_DELAY)
 
-    def _serve_manager(self, conn: Connection) -> None:
-        self._session += 1
-        session = self._session
-        self._released = gevent.event.Event()
-        free = max(0, self.pool.size - self.pool.outstanding)
+    def _serve_manager(self, link: ManagerLink, conn: Connection) -> None:
+        link.session += 1
+        session = link.session
+        link.foreign = self.pool.outstanding  # still running: tasks of the last connection
+        free = max(0, self.pool.size - link.foreign)
         conn.send_now(Register(self.id, self.address[0], self.address[1], self.pool.size, free, os.getpid()))
-        self._link = conn
+        link.conn, link.window, link.processes, link.stalled = conn, free, free, False
+        link.released = gevent.event.Event()
+        link.move(LinkState.SERVING)
         log.info("registered with manager %s (%d of %d processes free)", conn.peer, free, self.pool.size)
+        self._grant(link)
         reporter = gevent.spawn(self._report_stats, conn)
-        reason = conn.serve(lambda msg: self._manager_message(conn, session, msg))
+        reason = conn.serve(lambda msg: self._manager_message(link, session, msg))
         reporter.kill(block=False)
-        self._released.set()  # nothing more can come on a closed link
-        self._link = None
+        link.released.set()  # nothing more can come on a closed link
+        link.conn = None
         dropped = self.pool.cancel(lambda job: job.tag == session)
-        if not self.stopping:
-            log.warning(
-                "lost manager %s (%s); %d queued tasks left to the manager to re-send, %d still running; reconnecting",
-                conn.peer,
-                reason,
-                len(dropped),
-                self.pool.running,
-            )
+        if self.stopping:
+            link.move(LinkState.CLOSED)
+            return
+        link.move(LinkState.LOST)
+        log.warning(
+            "lost manager %s (%s); %d queued tasks left to the manager to re-send, %d still running; reconnecting",
+            conn.peer,
+            reason,
+            len(dropped),
+            self.pool.running,
+        )
 
-    def _manager_message(self, conn: Connection, session: int, msg: Message) -> None:
+    def _manager_message(self, link: ManagerLink, session: int, msg: Message) -> None:
+        conn = link.conn
+        assert conn is not None
         if isinstance(msg, Task):
-            if self.stopping:  # it crossed our goodbye: give it back at once, to run elsewhere
-                self._hand_back(conn, [msg.id])
+            if link.state is not LinkState.SERVING:  # it crossed our goodbye: give it back, to run elsewhere
+                self._hand_back(link, [msg.id], "draining")
                 return
-            arrived = time.monotonic()
-            self.pool.submit(Job(msg, lambda reply: self._managed_done(session, reply, arrived), session))
+            arrived = self.clock()
+            self.pool.submit(Job(msg, lambda reply: self._managed_done(link, session, reply, arrived), session))
+            if self.pool.queued and self._watch is None:
+                self._watch_stalls(link)
+        elif isinstance(msg, Reclaim):
+            jobs = self.pool.cancel(lambda job: job.tag == session, max(0, msg.limit))
+            self._hand_back(link, [job.task.id for job in jobs], "reclaimed")
         elif isinstance(msg, StatusRequest):
             conn.send(StatusReply(msg.id, self.status()))
         elif isinstance(msg, Bye):
@@ -213,40 +294,72 @@ class Worker(Server):
                 log.error("manager %s closed the link: %s", conn.peer, msg.reason)
             else:
                 log.info("manager %s says: %s", conn.peer, msg.reason)
-            if self.stopping and not msg.error:
-                self._released.set()  # its answer to our goodbye: no task follows it
+            if link.state is LinkState.DRAINING and not msg.error:
+                link.released.set()  # its answer to our goodbye: no task follows it
         else:
             log.warning("ignoring unexpected %s from manager %s", type(msg).__name__, conn.peer)
 
-    def _hand_back(self, conn: Connection, ids: list[int]) -> None:
-        """Return tasks this draining worker will not start to the manager, to run elsewhere."""
+    def _hand_back(self, link: ManagerLink, ids: list[int], reason: str) -> None:
+        """Tell the manager these tasks will not run here (they are out of the pool already)."""
         self.handed_back += len(ids)
-        log.info("draining: handing %d unstarted tasks back to manager %s", len(ids), conn.peer)
-        with contextlib.suppress(ConnectionLost):
-            conn.send(Handback(ids))
+        if link.conn is not None and ids:
+            # Draining is rare and worth a line; steal-back and stalls happen all the time.
+            level = logging.INFO if reason == "draining" else logging.DEBUG
+            log.log(level, "%s: handing %d unstarted tasks back to manager %s", reason, len(ids), link.conn.peer)
+        if link.conn is not None:
+            with contextlib.suppress(ConnectionLost):
+                link.conn.send(Handback(ids, reason))
 
-    def _managed_done(self, session: int, reply: Reply, arrived: float) -> None:
+    def _managed_done(self, link: ManagerLink, session: int, reply: Reply, arrived: float) -> None:
         self.observe(arrived)
-        link = self._link
-        if session == self._session and link is not None and not link.closed:
-            link.reply(reply)
-            return
-        self.discarded += 1
-        log.warning(
-            "discarding the result of task %d: its manager connection is gone (the manager"
-            " re-sends tasks of lost workers)",
-            reply.id,
-        )
-        if link is not None and not link.closed:
-            link.send(Ready(1))  # the process it held was registered as busy
+        link.stalled = False  # a process is free again
+        if session == link.session and link.open:
+            assert link.conn is not None
+            link.conn.reply(reply)
+        else:
+            self.discarded += 1
+            if session != link.session:  # counted as busy when the current connection registered
+                link.foreign -= 1
+            log.warning(
+                "discarding the result of task %d: its manager connection is gone (the manager"
+                " re-sends tasks of lost workers)",
+                reply.id,
+            )
+        self._grant(link)
 
-    def _report_stats(self, conn: Connection) -> None:
-        while not conn.closed:
-            try:
-                conn.send(Stats(self._figures()))
-            except ConnectionLost:
-                return
-            gevent.sleep(max(self.config.heartbeat, 1.0) * 5)
+    def _grant(self, link: ManagerLink) -> None:
+        """Send a new credit if what this worker will hold has changed."""
+        if link.state is not LinkState.SERVING or link.conn is None:
+            return
+        processes = min(self.pool.size, max(0, self.pool.size - link.foreign))
+        window = processes + (0 if link.stalled else self.prefetch.depth(processes))
+        if window != link.window or processes != link.processes:
+            link.window, link.processes = window, processes
+            with contextlib.suppress(ConnectionLost):
+                link.conn.send(Credit(window, processes))
+
+    def _watch_stalls(self, link: ManagerLink) -> None:
+        """While tasks wait in the pool, look every so often whether they wait behind stuck processes."""
+        interval = self.prefetch.stall_after / 2
+        self._watch = gevent.get_hub().loop.timer(interval, interval)
+        self._watch.start(self._check_stall, link)
+
+    def _check_stall(self, link: ManagerLink) -> None:
+        """Timer callback: hand back waiting tasks if every process is far over its usual time."""
+        pool = self.pool
+        if not pool.queued or link.state is not LinkState.SERVING:
+            self._watch.close()
+            self._watch = None
+            return
+        youngest = pool.youngest(time.monotonic())
+        if youngest is None or not self.prefetch.stalled(youngest):
+            return
+        session = link.session
+        jobs = pool.cancel(lambda job: job.tag == session)
+        log.info("handing back %d waiting tasks: every process has run its task for %.2fs", len(jobs), youngest)
+        link.stalled = True
+        self._hand_back(link, [job.task.id for job in jobs], "waiting behind long tasks")
+        self._grant(link)
 
     def _pool_broken(self, reason: str) -> None:
         """The pool cannot replace a process: say so loudly and stop, so a supervisor restarts us."""
@@ -255,77 +368,93 @@ class Worker(Server):
             log.critical("worker %s is stopping: its pool cannot start processes (%s)", self.name, reason)
             gevent.spawn(self.shutdown)
 
+    def _report_stats(self, conn: Connection) -> None:
+        while not conn.closed:
+            try:
+                conn.send(Stats(self._figures().as_dict()))
+            except ConnectionLost:
+                return
+            gevent.sleep(max(self.config.heartbeat, 1.0) * 5)
+
     # -- reporting and stopping -------------------------------------------------------------------
 
-    def _figures(self) -> dict[str, Any]:
+    def _figures(self) -> WorkerStats:
         processes = self.pool.processes()
         try:
             rss = psutil.Process().memory_info().rss
         except psutil.Error:
             rss = 0
-        return {
-            "rss": rss,
-            "pool_rss": sum(p["rss"] for p in processes),
-            "processes": processes,
-            "replaced": self.pool.replaced,
-            "discarded": self.discarded,
-            "uptime": round(time.time() - self.started, 1),
-            "started": self.started,
-        }
+        return WorkerStats(
+            rss=rss,
+            pool_rss=sum(p["rss"] for p in processes),
+            processes=processes,
+            replaced=self.pool.replaced,
+            discarded=self.discarded,
+            handed_back=self.handed_back,
+            started=self.started,
+        )
 
     def status(self) -> dict[str, Any]:
         """This worker as its own one-worker network."""
         pool = self.pool
-        me = {
-            **self._figures(),
-            "id": self.id,
-            "host": self.address[0],
-            "port": self.address[1],
-            "pid": os.getpid(),
-            "capacity": pool.size,
-            "busy": pool.running,
-            "completed": self.completed,
-            "failed": self.failed,
-            "draining": self.stopping,
-        }
-        manager = self.config.manager
+        link = self.link
+        row = WorkerRow(
+            id=self.id,
+            host=self.address[0],
+            port=self.address[1],
+            pid=os.getpid(),
+            capacity=pool.size,
+            busy=pool.running,
+            prefetched=pool.queued if link is not None else 0,
+            credit=link.window if link is not None else pool.size,
+            completed=self.completed,
+            failed=self.failed,
+            draining=self.stopping,
+            uptime=round(time.time() - self.started, 1),
+            stats=self._figures(),
+        )
         return {
             **self.base_status(),
-            "workers": [me],
+            "workers": [row.as_dict()],
             "capacity": pool.size,
             "busy": pool.running,
-            "queued": pool.queued,
+            "prefetched": row.prefetched,
+            "queued": pool.queued if link is None else 0,
             "discarded": self.discarded,
             "handed_back": self.handed_back,
-            "manager": f"{manager[0]}:{manager[1]}" if manager else None,
-            "manager_connected": self._link is not None and not self._link.closed,
+            "manager": f"{link.address[0]}:{link.address[1]}" if link is not None else None,
+            "manager_connected": link is not None and link.open,
         }
 
     def shutdown(self, grace: float | None = None) -> None:
-        """Drain: take no new tasks, finish those in hand within ``grace``, leave, stop."""
+        """Drain: hand back waiting tasks, finish running ones within ``grace``, leave, stop."""
         grace = self.config.grace if grace is None else grace
         log.info("worker %s draining (grace %.0fs, %d tasks in hand)", self.name, grace, self.pool.outstanding)
         self.say_goodbye(f"worker {self.name} is shutting down")
-        link = self._link
-        if link is not None:
+        link = self.link
+        conn = link.conn if link is not None else None
+        if link is not None and conn is not None and link.state is LinkState.SERVING:
+            link.move(LinkState.DRAINING)
             with contextlib.suppress(ConnectionLost):
-                link.send(Bye("draining"))
-            session = self._session
+                conn.send(Bye("draining"))  # first, so the manager routes what comes back elsewhere
+            session = link.session
             unstarted = self.pool.cancel(lambda job: job.tag == session)
             if unstarted:
-                self._hand_back(link, [job.task.id for job in unstarted])
+                self._hand_back(link, [job.task.id for job in unstarted], "draining")
         if not self.pool.join(grace):
             log.warning("grace period over; abandoning %d tasks", self.pool.outstanding)
-        if link is not None:
+        if link is not None and conn is not None:
             # Keep reading until the manager confirms it routes us nothing more, so a task
             # that crossed our goodbye is handed back rather than lost in a reset socket.
-            if not self._released.wait(defaults.DRAIN_ACK_TIMEOUT):
-                log.warning("manager %s did not answer our goodbye within %gs", link.peer, defaults.DRAIN_ACK_TIMEOUT)
-            link.flush(2.0)
-            link.close("worker stopped")
+            if not link.released.wait(defaults.DRAIN_ACK_TIMEOUT):
+                log.warning("manager %s did not answer our goodbye within %gs", conn.peer, defaults.DRAIN_ACK_TIMEOUT)
+            conn.flush(2.0)
+            conn.close("worker stopped")
         if self._linker is not None:
             self._linker.kill(block=False)
+        if self._watch is not None:
+            self._watch.close()
         self.close_connections()
         self.pool.close()
         log.info("worker %s stopped", self.name)
-        self.stopped()
+        self.mark_stopped()

@@ -78,13 +78,15 @@ from argon.errors import ProtocolError
 from argon.protocol import (
     HEADER,
     VERSION,
+    Batch,
     Bye,
     Cancel,
+    Credit,
     Failure,
     Hello,
     Message,
     Ping,
-    Ready,
+    Reclaim,
     Register,
     Result,
     Stats,
@@ -122,7 +124,9 @@ CLIENT_MAY_SEND = (Task, StatusRequest, Cancel, Ping, Bye)
 FOREIGN: list[Message] = [
     Hello(VERSION, "client", "fuzz"),
     Register("fuzz", HOST, 1, 2, 2, 3),
-    Ready(1),
+    Credit(2, 1),
+    Reclaim(1),
+    Batch([Result(1, b"value"), Ping()]),
     Result(1, b"value"),
     Failure(1, "TaskError", "message"),
     Stats({"rss": 1}),
@@ -292,12 +296,15 @@ class Model:
             self.expect_hello = False
             if kind is not Hello or msg.version != VERSION or msg.role != "client":
                 self.verdict = "close"
-        elif kind not in CLIENT_MAY_SEND or kind is Bye:
-            self.verdict = "close"
-        elif kind is Task:
-            if msg.id in self.task_ids:
-                self.verdict = "maybe"
-            self.task_ids.add(msg.id)
+            return
+        for item in msg.messages if kind is Batch else [msg]:  # a batch: as if each came alone
+            if type(item) not in CLIENT_MAY_SEND or type(item) is Bye:
+                self.verdict = "close"
+                return
+            if type(item) is Task:
+                if item.id in self.task_ids:
+                    self.verdict = "maybe"
+                self.task_ids.add(item.id)
 
 
 # -- the run ----------------------------------------------------------------------------------------

@@ -50,19 +50,21 @@ def test_status_table_and_json(net):
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].startswith(f"manager {manager.address}")
-    assert lines[1].split() == ["WORKER", "PROCS", "BUSY", "DONE", "FAILED", "UPTIME", "MEMORY", "STATE"]
+    assert lines[1].split() == ["WORKER", "PROCS", "BUSY", "PREFETCHED", "DONE", "FAILED", "UPTIME", "MEMORY",
+                                "STATE"]
     rows = {line.split()[0]: line.split() for line in lines[2:4]}
     assert set(rows) == {w.address for w in workers}
-    assert sum(int(row[3]) for row in rows.values()) == 10
-    assert all(row[1] == "2" and row[-1] == "ok" and row[-2].endswith("M") for row in rows.values())
-    assert re.search(r"capacity 4 +busy 0 +queued 0/50 +completed 10 +failed 0 +rejected 0 +[\d.]+ tasks/s",
-                     lines[-1])
+    assert sum(int(row[4]) for row in rows.values()) == 10
+    assert all(row[1] == "2" and row[3] == "0" and row[-1] == "ok" and row[-2].endswith("M") for row in rows.values())
+    assert re.search(r"capacity 4 +busy 0 +prefetched 0 +queued 0/50 +completed 10 +failed 0 +rejected 0"
+                     r" +[\d.]+ tasks/s", lines[-1])
 
     as_json = argon("status", manager.address, "--json")
     data = json.loads(as_json.stdout)
     assert data["completed"] == 10 and data["capacity"] == 4 and len(data["workers"]) == 2
     for row in data["workers"]:
-        assert {"id", "host", "port", "capacity", "busy", "completed", "rss", "pool_rss", "processes"} <= set(row)
+        assert {"id", "host", "port", "capacity", "busy", "prefetched", "completed", "rss", "pool_rss",
+                "processes"} <= set(row)
 
 
 def test_status_watch_refreshes_in_place(net):

@@ -45,14 +45,17 @@ from argon.errors import ArgonError, ProtocolError
 from argon.protocol import (
     HEADER,
     VERSION,
+    Batch,
     Bye,
     Cancel,
+    Credit,
     Failure,
     FrameBuffer,
+    Handback,
     Hello,
     Message,
     Ping,
-    Ready,
+    Reclaim,
     Register,
     Result,
     Stats,
@@ -92,7 +95,11 @@ TEMPLATES: list[Message] = [
     Bye("fuzz"),
     Hello(VERSION, "client", "fuzz"),
     Register("fuzz", "127.0.0.1", 1, 2, 2, 3),
-    Ready(1),
+    Credit(2, 1),
+    Reclaim(1),
+    Handback([1], "fuzz"),
+    Batch([Task(4, b"fuzz: batched", b""), StatusRequest(5), Ping()]),
+    Batch([Task(6, b"fuzz", b""), Result(1, b"value")]),
     Result(1, b"value"),
     Failure(1, "TaskError", "message"),
     Stats({"rss": 1}),
@@ -161,7 +168,7 @@ def _pieces(keyed: bool) -> st.SearchStrategy[tuple[Any, ...]]:
         st.tuples(st.just("weird"), WELL_TYPED),
         st.tuples(st.just("body"), st.binary(max_size=64)),
         st.tuples(st.just("mutbody"), TEMPLATE, MUTATIONS),
-        st.tuples(st.just("typed"), st.integers(0, 13) | MSGPACK_VALUES, st.lists(MSGPACK_VALUES, max_size=8)),
+        st.tuples(st.just("typed"), st.integers(0, 24) | MSGPACK_VALUES, st.lists(MSGPACK_VALUES, max_size=8)),
         st.tuples(st.just("swap"), TEMPLATE, st.integers(0, 7), MSGPACK_VALUES),
         st.tuples(st.just("mutframe"), TEMPLATE, MUTATIONS),
         st.tuples(st.just("raw"), st.binary(max_size=64)),
@@ -302,8 +309,8 @@ def predict(data: bytes, checker: FrameSigner | None, *, client_rules: bool = Tr
         except ProtocolError:
             out.close = True
             return out
-        out.messages.append(msg)
         kind = type(msg)
+        out.messages += msg.messages if kind is Batch else [msg]
         if hello_pending:
             if kind is not Hello or msg.version != VERSION or msg.role != "client":
                 # A worker's hello would make this a worker link: not something these streams aim at.
@@ -314,18 +321,19 @@ def predict(data: bytes, checker: FrameSigner | None, *, client_rules: bool = Tr
             if 0 < msg.max_frame < 1 << 20:
                 out.close = None  # the server may have nothing it can send within that limit
         elif client_rules:
-            if kind not in CLIENT_MAY_SEND:
-                out.close = True
-                return out
-            if kind is Bye:
-                out.close = out.bye = True
-                return out
-            if kind is Task:
-                if msg.id in task_ids:
-                    out.close = None
-                task_ids.add(msg.id)
-            elif kind is StatusRequest:
-                out.status_ids.add(msg.id)
+            for item in msg.messages if kind is Batch else [msg]:  # a batch: as if each came alone
+                if type(item) not in CLIENT_MAY_SEND:
+                    out.close = True
+                    return out
+                if type(item) is Bye:
+                    out.close = out.bye = True
+                    return out
+                if type(item) is Task:
+                    if item.id in task_ids:
+                        out.close = None
+                    task_ids.add(item.id)
+                elif type(item) is StatusRequest:
+                    out.status_ids.add(item.id)
     out.partial = pos < len(data) or hello_pending
     return out
 
@@ -344,6 +352,7 @@ class Raw:
         self.checker: FrameSigner | None = None
         self.frames = FrameBuffer(MAX_FRAME)
         self.backlog: list[bytes] = []
+        self.pending: list[Message] = []  # the rest of a batch read
         self.shut = False
         if handshake:
             session = client_handshake(self.sock, key, server.address)
@@ -367,7 +376,9 @@ class Raw:
         return line
 
     def read(self) -> Message | None:
-        """The server's next message; None once it has closed the connection."""
+        """The server's next message (a batch's one by one); None once it has closed the connection."""
+        if self.pending:
+            return self.pending.pop(0)
         while not self.backlog:
             try:
                 data = self.sock.recv(RECV)
@@ -379,7 +390,11 @@ class Raw:
                 return None
             self.backlog = self.frames.feed(data)
         body = self.backlog.pop(0)
-        return decode(self.checker.verify(body) if self.checker is not None else body)
+        msg = decode(self.checker.verify(body) if self.checker is not None else body)
+        if type(msg) is Batch:
+            self.pending = list(msg.messages)
+            return self.read()
+        return msg
 
     def probe(self, probe_id: int) -> bool:
         """Send a status request: True if it is answered, False if the server closed instead."""
@@ -753,8 +768,8 @@ def test_frames_that_arrive_with_the_hello_are_authenticated_too(net, key_file):
 def test_a_hello_with_a_tiny_max_frame_is_refused_without_a_traceback(net):
     manager, _, client = net.cluster()
     raw = Raw(manager, hello=False)
-    raw.sock.sendall(bytes.fromhex("00000019 9901 01 a6636c69656e74 a178 a0 a0 a0 cb0000000000000000 01"))
-    # Hello(1, "client", "x", max_frame=1): no frame the server sends would fit, so the
+    raw.sock.sendall(bytes.fromhex(f"00000019 9901 {VERSION:02x} a6636c69656e74 a178 a0 a0 a0 cb0000000000000000 01"))
+    # Hello(VERSION, "client", "x", max_frame=1): no frame the server sends would fit, so the
     # server refuses the connection at the hello, with a logged reason.
     assert raw.wait_closed()
     raw.close()

@@ -36,10 +36,10 @@ from argon.manager import Manager
 from argon.protocol import (
     VERSION,
     Bye,
+    Credit,
     Failure,
     Handback,
     Hello,
-    Ready,
     Register,
     Result,
     Stats,
@@ -66,7 +66,7 @@ def _raw(server, greet=True):
 
 
 def _hello(sock):
-    sock.sendall(frame(encode(Hello(1, "client", "raw test"))))
+    sock.sendall(frame(encode(Hello(VERSION, "client", "raw test"))))
     header = sock.recv(4, socket.MSG_WAITALL)
     (size,) = struct.unpack("!I", header)
     reply = decode(sock.recv(size, socket.MSG_WAITALL))
@@ -324,16 +324,16 @@ def test_a_worker_claiming_more_free_processes_than_it_has_is_disconnected(net):
     got = [_next_message(fake, Task), _next_message(fake, Task)]  # both processes busy; one task queued
     status = client.status()
     assert (status["busy"], status["capacity"], status["queued"]) == (2, 2, 1)
-    fake.send_now(Ready(1_000_000))  # "a million more free processes"
+    fake.send_now(Credit(1_000_000, 1_000_000))  # "a million free processes"
     bye = _next_message(fake, Bye)
-    assert bye.error == "ProtocolError" and "claims 1000000 more free processes, but it has 2" in bye.reason
+    assert bye.error == "ProtocolError" and "credit for 1000000 processes; the worker has 2" in bye.reason
     assert _closed_cleanly(fake)
     net.worker(manager, processes=1)
     assert [d(timeout=30) for d in deferreds] == [0, 10, 20]  # the fake's two tasks ran elsewhere
     status = client.status()
     assert [w["id"] for w in status["workers"]] != ["fake"] and status["redelivered"] == 2
     assert all(w["busy"] <= w["capacity"] for w in status["workers"])
-    wait_for(lambda: "claims 1000000 more free processes" in manager.log(), 5, what="the reason to be logged")
+    wait_for(lambda: "credit for 1000000 processes" in manager.log(), 5, what="the reason to be logged")
     assert len({t.id for t in got}) == 2
 
 
@@ -450,7 +450,7 @@ def test_a_draining_worker_hands_back_a_task_that_crossed_its_goodbye(net):
 
 @pytest.mark.timeout(60)
 def test_a_worker_whose_pool_cannot_start_processes_says_so_and_stops(tmp_path):
-    worker = Worker(WorkerConfig(port=0, workers=1, grace=1))
+    worker = Worker(WorkerConfig(port=0, processes=1, grace=1))
     worker.start()
     try:
         with Client(*worker.address) as client:

@@ -17,20 +17,23 @@ from argon import defaults
 from argon.errors import ProtocolError
 from argon.protocol import (
     HEADER,
+    Batch,
     Bye,
     Cancel,
+    Credit,
     Failure,
     FrameBuffer,
     Handback,
     Hello,
     Ping,
-    Ready,
+    Reclaim,
     Register,
     Result,
     Stats,
     StatusReply,
     StatusRequest,
     Task,
+    batch_body,
     decode,
     encode,
     frame,
@@ -51,7 +54,11 @@ MESSAGES = [
     Failure(6, "ProcessDied", "pool process 1 exited with code 3", b"payload", "Traceback ...\n"),
     Register("w-1", "127.0.0.1", 8001, 4, 2),
     Register("w-2", "::1", 65535, 1, 0, 12345),
-    Ready(3),
+    Credit(12, 4),
+    Reclaim(3),
+    Handback([7, 8, 9], "reclaimed"),
+    Handback([]),
+    Batch([Task(1, b"f", b"a"), Result(2, b"v"), Credit(3, 2), Ping()]),
     Ping(),
     StatusRequest(9),
     StatusReply(9, {"workers": [{"id": "w-1", "busy": 0}], "capacity": 2, "role": "manager"}),
@@ -84,8 +91,8 @@ def test_every_message_type_is_covered_and_has_a_distinct_kind():
     kinds = {}
     for msg in MESSAGES:
         kinds.setdefault(type(msg), msgpack.unpackb(encode(msg))[0])
-    assert set(kinds) == {Hello, Task, Result, Failure, Register, Ready, Ping, StatusRequest, StatusReply, Stats,
-                          Cancel, Bye, Handback}
+    assert set(kinds) == {Hello, Task, Result, Failure, Register, Ping, StatusRequest, StatusReply, Stats,
+                          Cancel, Bye, Handback, Credit, Reclaim, Batch}
     assert len(set(kinds.values())) == len(kinds)
 
 
@@ -159,7 +166,10 @@ def test_decode_rejects_unknown_kinds(kind):
         (3, 1),  # Result without value
         (4, 1, "TaskError"),  # Failure without message
         (5, "w", "h", 1, 2),  # Register without free
-        (6,),  # Ready without count
+        (20, 1),  # Credit without processes
+        (21,),  # Reclaim without limit
+        (13,),  # Handback without ids
+        (22,),  # Batch without messages
         (8,),  # StatusRequest without id
         (9, 1),  # StatusReply without status
         (10,),  # Stats without values
@@ -188,8 +198,10 @@ def test_decode_rejects_missing_required_fields(items):
         (4, 1, "TaskError", "m", "payload"),  # Failure.payload: str for bytes
         (4, 1, "TaskError", "m", None, None),  # Failure.traceback: None for str
         (5, "w", "h", "80", 1, 1),  # Register.port: str for int
-        (6, 1.5),  # Ready.count: float for int
-        (6, None),
+        (20, 1.5, 1),  # Credit.window: float for int
+        (21, None),  # Reclaim.limit
+        (13, 5),  # Handback.ids: int for list
+        (22, {}),  # Batch.messages: map for list
         (9, 1, [("a", 1)]),  # StatusReply.status: list for dict
         (10, "values"),  # Stats.values: str for dict
         (11, b"\x01"),  # Cancel.id: bytes for int
@@ -212,7 +224,7 @@ def test_decode_rejects_wrong_field_types(items):
         (3, False, b"v"),  # Result.id
         (5, "w", "h", True, 1, 1),  # Register.port
         (5, "w", "h", 80, 1, 1, True),  # Register.pid (optional)
-        (6, True),  # Ready.count
+        (20, 1, True),  # Credit.processes
         (8, False),  # StatusRequest.id
         (11, True),  # Cancel.id
     ],
@@ -220,6 +232,35 @@ def test_decode_rejects_wrong_field_types(items):
 )
 def test_decode_rejects_bool_where_a_number_is_expected(items):
     with pytest.raises(ProtocolError, match="bad field"):
+        decode(_raw(*items))
+
+
+def test_kind_6_of_protocol_1_is_retired():
+    with pytest.raises(ProtocolError, match="unknown message kind 6"):
+        decode(_raw(6, 1))  # Ready: a worker of protocol 1 is refused at hello anyway
+
+
+def test_a_batch_body_joins_encoded_messages_without_encoding_them_again():
+    messages = [Task(i, b"f" * i, b"a") for i in range(1, 40)] + [Handback([1, 2]), Ping()]
+    body = batch_body([encode(msg) for msg in messages])
+    assert body == encode(Batch(messages))
+    assert decode(body) == Batch(messages)
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        (22, [[22, [[7]]]]),  # a batch inside a batch
+        (22, [[7], "ping"]),  # an item that is not a message
+        (22, [[7], [99]]),  # an item of an unknown kind
+        (22, [[2, 1, b"f"]]),  # an item missing a field
+        (13, [1, "2"]),  # Handback: an id that is not an int
+        (13, [1, True]),
+    ],
+    ids=repr,
+)
+def test_decode_rejects_a_bad_batch_or_bad_returned_ids(items):
+    with pytest.raises(ProtocolError):
         decode(_raw(*items))
 
 
@@ -392,7 +433,9 @@ def _messages() -> st.SearchStrategy:
         message(Result, ints, blobs),
         message(Failure, ints, text, text, st.none() | blobs, text),
         message(Register, text, text, ints, ints, ints, ints),
-        message(Ready, ints),
+        message(Credit, ints, ints),
+        message(Reclaim, ints),
+        message(Handback, st.lists(ints, max_size=5), text),
         st.just(Ping()),
         message(StatusRequest, ints),
         message(StatusReply, ints, status),

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from argon import AuthenticationError, Client, ConnectionLost, MessageTooLarge, ProtocolError, ServerBusy
-from argon.protocol import Hello, StatusReply, StatusRequest, decode, encode, frame
+from argon.protocol import VERSION, Hello, StatusReply, StatusRequest, decode, encode, frame
 from argon.security import MAC_BYTES, client_handshake, load_key_file
 
 from conftest import ARGON, child_env, wait_for
@@ -101,7 +101,7 @@ def _authenticated(server, key_path):
     """A raw socket past the key handshake, with the session's frame signers."""
     sock = gevent.socket.create_connection((server.host, server.port), timeout=10)
     session = client_handshake(sock, load_key_file(key_path), server.address)
-    body = encode(Hello(1, "client", "raw"))
+    body = encode(Hello(VERSION, "client", "raw"))
     sock.sendall(frame(body, session.send.sign(body)))
     (size,) = struct.unpack("!I", sock.recv(4, socket.MSG_WAITALL))
     reply = decode(session.recv.verify(sock.recv(size, socket.MSG_WAITALL)))
@@ -232,7 +232,7 @@ def test_item_limit_closes_only_that_connection(net):
     client = net.client(manager)
     sock = gevent.socket.create_connection((manager.host, manager.port), timeout=10)
     assert sock.recv(64) == b"ARGON 1 open\n"
-    sock.sendall(frame(encode(Hello(1, "client", "raw"))))
+    sock.sendall(frame(encode(Hello(VERSION, "client", "raw"))))
     (size,) = struct.unpack("!I", sock.recv(4, socket.MSG_WAITALL))
     sock.recv(size, socket.MSG_WAITALL)
     sock.sendall(frame(msgpack.packb([7, list(range(17))])))  # a ping carrying 17 items

@@ -1,0 +1,178 @@
+"""Flow control between a manager and its workers: credits, prefetch, routing.
+
+A worker decides how many of a manager's tasks it holds: its **credit** is a window
+(tasks held at most, running or waiting) and the processes that start them at once. The
+difference is its **prefetch**: tasks that wait in the worker so that its processes never
+idle for a round trip to the manager between short tasks. :class:`Prefetch` sizes it from
+how long the worker's tasks take: deep for tasks much shorter than a round trip, none for
+long ones, and none while every process is stuck on a task far longer than usual.
+
+The manager files each worker in :class:`Routes` by its idle processes and its spare
+credit: a task goes to the worker with the most idle processes, and waits in a worker's
+prefetch only when no process is idle anywhere. A worker that holds tasks beyond its
+processes is listed in :attr:`Routes.prefetching`, so the manager can take them back
+when a process is idle elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Generic, Protocol, TypeVar
+
+from argon import defaults
+
+
+class Routable(Protocol):
+    """What :class:`Routes` reads and writes on a worker's link."""
+
+    inflight: dict[int, Any]  # tasks sent and not yet answered or returned
+    window: int  # the worker's credit: most tasks it holds
+    processes: int  # how many of them start at once
+    routable: bool  # False while it registers, drains or after it is gone
+    idle: int  # its bucket in Routes (maintained by Routes)
+    spare: int  # its bucket in Routes (maintained by Routes)
+    waiting: int  # tasks it holds beyond its processes (maintained by Routes)
+
+
+L = TypeVar("L", bound=Routable)
+
+
+class Routes(Generic[L]):
+    """Workers filed by idle processes, then by spare credit; picking costs the same for 10 or 10,000.
+
+    Attributes:
+        idle: Idle processes in all (processes credited and not holding a task).
+        waiting: Tasks held by workers beyond their processes, in all (their prefetch).
+        prefetching: Workers holding more tasks than they have processes (oldest first).
+    """
+
+    def __init__(self) -> None:
+        self._idle: list[dict[L, None]] = [{}]  # [n]: workers with n idle processes (n >= 1)
+        self._spare: list[dict[L, None]] = [{}]  # [n]: workers with n spare credits, no idle process
+        self._top_idle = 0  # no bucket above these holds a worker
+        self._top_spare = 0
+        self.idle = 0
+        self.waiting = 0
+        self.prefetching: dict[L, None] = {}
+
+    def take(self) -> L | None:
+        """The worker the next task should go to, or None if none has room.
+
+        The caller adds the task to its ``inflight`` and calls :meth:`update`.
+        """
+        buckets, top = self._idle, self._top_idle
+        while top and not buckets[top]:
+            top -= 1
+        self._top_idle = top
+        if top:
+            return next(iter(buckets[top]))
+        buckets, top = self._spare, self._top_spare
+        while top and not buckets[top]:
+            top -= 1
+        self._top_spare = top
+        if top:
+            return next(iter(buckets[top]))
+        return None
+
+    def update(self, link: L) -> None:
+        """Re-file ``link`` after its credit, its tasks or its state changed."""
+        if link.routable:
+            load, processes = len(link.inflight), link.processes
+            idle = processes - load if processes > load else 0
+            spare = link.window - (load if load > processes else processes)
+            if spare < 0:
+                spare = 0
+            waiting = load - processes if load > processes else 0
+        else:
+            idle = spare = waiting = 0
+        if idle != link.idle:
+            self._move(self._idle, link, link.idle, idle)
+            self.idle += idle - link.idle
+            link.idle = idle
+            if idle > self._top_idle:
+                self._top_idle = idle
+        if idle:
+            spare = 0  # a worker with an idle process is found by that; file its credit later
+        if spare != link.spare:
+            self._move(self._spare, link, link.spare, spare)
+            link.spare = spare
+            if spare > self._top_spare:
+                self._top_spare = spare
+        if waiting != link.waiting:
+            self.waiting += waiting - link.waiting
+            link.waiting = waiting
+            if waiting:
+                self.prefetching[link] = None
+            else:
+                del self.prefetching[link]
+
+    @staticmethod
+    def _move(buckets: list[dict[L, None]], link: L, old: int, new: int) -> None:
+        if old:
+            del buckets[old][link]
+        if new:
+            while len(buckets) <= new:
+                buckets.append({})
+            buckets[new][link] = None
+
+
+class Prefetch:
+    """How many tasks a worker holds beyond its processes, from how long its tasks take.
+
+    The typical run time is the median of the last few tasks: a burst of short tasks after
+    a long one (or one long task among short ones) changes it at once, and one outlier
+    does not change it at all.
+
+    Args:
+        horizon: Seconds of work to keep waiting per process (``defaults.PREFETCH_HORIZON``).
+        limit: Most tasks to hold beyond the processes.
+        stall_after: Seconds after which processes that are all still on their tasks
+            count as stuck (at least; more for workers whose tasks are slower).
+    """
+
+    #: How many recent run times the median is taken over.
+    SAMPLES = 15
+
+    def __init__(
+        self,
+        horizon: float = defaults.PREFETCH_HORIZON,
+        limit: int = defaults.MAX_PREFETCH,
+        stall_after: float = defaults.STALL_AFTER,
+    ) -> None:
+        self.horizon = horizon
+        self.limit = limit
+        self.stall_after = stall_after
+        self._recent: deque[float] = deque(maxlen=self.SAMPLES)
+        self._typical: float | None = None  # cached median of _recent
+
+    def __repr__(self) -> str:
+        typical = self.typical
+        service = "?" if typical is None else f"{typical * 1e3:.3f}ms"
+        return f"<Prefetch typical={service} horizon={self.horizon}s limit={self.limit}>"
+
+    def observe(self, seconds: float) -> None:
+        """Note how long one task ran."""
+        self._recent.append(seconds)
+        self._typical = None
+
+    @property
+    def typical(self) -> float | None:
+        """The median run time of the last few tasks (None before the first)."""
+        if self._typical is None and self._recent:
+            self._typical = sorted(self._recent)[len(self._recent) // 2]
+        return self._typical
+
+    def depth(self, processes: int) -> int:
+        """Tasks to hold beyond ``processes``: a power of two (or 0), so it changes seldom.
+
+        None until a task has finished: a new worker holds only what it can start.
+        """
+        typical = self.typical
+        if typical is None or processes <= 0 or not self.horizon:
+            return 0
+        wanted = min(self.limit, int(processes * self.horizon / max(typical, 1e-6)))
+        return 1 << (wanted.bit_length() - 1) if wanted else 0
+
+    def stalled(self, youngest: float) -> bool:
+        """Whether processes whose newest task started ``youngest`` seconds ago are stuck."""
+        return youngest > max(self.stall_after, 8 * (self.typical or 0.0))
