@@ -84,7 +84,7 @@ from argon._version import __version__
 from argon.errors import ArgonError
 from argon.manager import Manager
 from argon.metrics import serve_metrics
-from argon.osutil import die_with_parent
+from argon.osutil import die_with_parent, ready_line
 from argon.security import client_tls, load_key_file, server_tls, write_key_file
 from argon.server import Server, ServerConfig
 from argon.status import combine, render, render_network
@@ -329,6 +329,7 @@ def _serve(args: dict[str, Any]) -> int:
     print(f"argon {server.role} listening on {server.name}", flush=True)
     if metrics is not None:
         print(f"argon {server.role} metrics on http://{config.host}:{metrics.server_port}/metrics", flush=True)
+    print(ready_line(server.role, server.name), flush=True)  # last: everything above is up
     server.serve_forever()
     failure = getattr(server, "failure", None)
     if failure:
@@ -395,24 +396,51 @@ def _ask(
         return name, None, f"{type(exc).__name__}: {exc}"
 
 
+#: ``argon local``: options for every process, for the manager only, and for the nodes only.
+_LOCAL_COMMON = (  # (--grace goes to LocalCluster's grace=, --key to key_file=)
+    "--heartbeat",
+    "--max-frame",
+    "--max-items",
+    "--max-connections",
+    "--handshake-timeout",
+    "--log-format",
+    "--insecure",
+    "--verbose",
+    "--debug",
+)
+_LOCAL_MANAGER = ("--metrics-port", "--tls-cert", "--tls-key", "--worker-wait")
+_LOCAL_NODES = ("--tls-ca",)
+
+
+def _local_options(args: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {name[2:].replace("-", "_"): args[name] for name in names if args[name] is not None}
+
+
 def _local(args: dict[str, Any]) -> int:
     """``argon local``: a manager and workers on loopback until SIGINT or SIGTERM."""
+    build_config({**args, "manager": True})  # check every value the way manager/worker would
     nodes = _number(args, "--nodes", int, 1) or 1
-    workers = _number(args, "--workers", int, 1)
+    workers = _workers(args)
+    grace = _number(args, "--grace", float, 0)
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
-    options: dict[str, Any] = {}
-    for option in ("--heartbeat", "--max-frame"):
-        if args[option] is not None:
-            options[option[2:].replace("-", "_")] = args[option]
+    manager_options = _local_options(args, _LOCAL_MANAGER)
+    worker_options = _local_options(args, _LOCAL_NODES)
+    if args["--tls-cert"] and not args["--tls-ca"]:
+        worker_options["tls_ca"] = args["--tls-cert"]  # nodes trust the (self-signed) certificate
     cluster = argon.LocalCluster(
         nodes,
         workers,
         key_file=args["--key"],
         queue_size=_number(args, "--queue-size"),
-        max_requests=_number(args, "--max-requests"),
-        **options,
+        max_requests=_number(args, "--max-requests", int, 1),
+        host=args["--host"] or defaults.HOST,
+        port=_number(args, "--port") or 0,
+        grace=grace,
+        manager_options=manager_options,
+        worker_options=worker_options,
+        **_local_options(args, _LOCAL_COMMON),
     )
     with cluster:
         processes = f" of {workers} processes" if workers else ""
@@ -421,6 +449,7 @@ def _local(args: dict[str, Any]) -> int:
             " Ctrl-C to stop",
             flush=True,
         )
+        print(ready_line("local", cluster.address), flush=True)
         stop.wait()
     print("argon local: stopped", flush=True)
     return 0

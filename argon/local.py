@@ -2,13 +2,14 @@
 
 :class:`LocalCluster` starts real ``argon manager`` and ``argon worker`` processes on free
 ports, waits until every worker has registered, and stops them all on exit. The
-processes are told to exit if the program that started them dies.
+processes get exactly the options the cluster passes them: none of the caller's
+``ARGON_*`` settings (the rest of the environment passes through, so tasks import what
+the caller can). They are told to exit if the program that started them dies.
 """
 
 from __future__ import annotations
 
-import os
-import re
+import contextlib
 import signal
 import sys
 import time
@@ -17,15 +18,20 @@ from typing import Any
 import gevent
 import gevent.subprocess
 
+from argon import defaults
 from argon.client import Client
 from argon.errors import ArgonError
+from argon.osutil import child_env, kill_group
+from argon.testing import read_ready
 
-_LISTENING = re.compile(rb"listening on (\S+):(\d+)")
 START_TIMEOUT = 60.0
+#: Seconds ``close`` allows beyond the grace: a drained worker still says goodbye and stops its pool.
+CLOSE_MARGIN = defaults.DRAIN_ACK_TIMEOUT + 3.0
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 class LocalCluster:
-    """Start a manager and ``nodes`` workers on loopback; use as a context manager.
+    """Start a manager and ``nodes`` workers on this machine; use as a context manager.
 
     Args:
         nodes: Worker processes (nodes) to start.
@@ -33,8 +39,15 @@ class LocalCluster:
         key_file: A key file every process and :meth:`client` will use.
         queue_size: The manager's ``--queue-size``.
         max_requests: Each node's ``--max-requests``.
-        options: More command-line options for every process, such as
-            ``heartbeat=0.5`` for ``--heartbeat 0.5``.
+        host: The address every process listens on (``--host``; default 127.0.0.1).
+        port: The manager's port (``--port``; default 0, a free one).
+        grace: Every process's ``--grace``; :meth:`close` waits at most this long (plus a
+            few seconds) for running tasks before it kills what is left (default 30).
+        manager_options: Command-line options for the manager only, such as
+            ``metrics_port=9100``, ``worker_wait=5`` or ``tls_cert=..., tls_key=...``.
+        worker_options: Command-line options for the worker nodes only (``tls_ca=...``).
+        options: Command-line options for every process, such as ``heartbeat=0.5`` for
+            ``--heartbeat 0.5``; ``True`` gives a flag (``insecure=True``, ``verbose=True``).
 
     Example::
 
@@ -50,16 +63,22 @@ class LocalCluster:
         key_file: str | None = None,
         queue_size: int | None = None,
         max_requests: int | None = None,
+        host: str = defaults.HOST,
+        port: int = 0,
+        grace: float | None = None,
+        manager_options: dict[str, Any] | None = None,
+        worker_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
         self.nodes = nodes
         self.workers = workers
         self.key_file = key_file
-        self.queue_size = queue_size
-        self.max_requests = max_requests
-        self.options = options
-        self.host = "127.0.0.1"
-        self.port = 0
+        self.grace = defaults.GRACE if grace is None else grace
+        self.options = {**options, "host": host, "key": key_file, "grace": grace}
+        self.manager_options = {**(manager_options or {}), "queue_size": queue_size}
+        self.worker_options = {**(worker_options or {}), "workers": workers, "max_requests": max_requests}
+        self.host = host
+        self.port = port
         self.processes: list[gevent.subprocess.Popen] = []
 
     def __enter__(self) -> LocalCluster:
@@ -69,86 +88,84 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        return f"<LocalCluster {self.address} nodes={self.nodes} processes={len(self.processes)}>"
+
     @property
     def address(self) -> str:
-        """The manager's ``host:port``."""
-        return f"{self.host}:{self.port}"
-
-    def _common(self) -> list[str]:
-        args = ["--host", self.host]
-        if self.key_file:
-            args += ["--key", str(self.key_file)]
-        for name, value in self.options.items():
-            flag = "--" + name.replace("_", "-")
-            if value is True:
-                args.append(flag)
-            elif value not in (None, False):
-                args += [flag, str(value)]
-        return args
-
-    def _launch(self, args: list[str]) -> gevent.subprocess.Popen:
-        env = dict(os.environ, ARGON_DIE_WITH_PARENT="1")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        process = gevent.subprocess.Popen(
-            [sys.executable, "-m", "argon", *args, "--port", "0"],
-            stdout=gevent.subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
-        self.processes.append(process)
-        return process
-
-    @staticmethod
-    def _address(process: gevent.subprocess.Popen, role: str) -> tuple[str, int]:
-        """Wait for the line a server prints once it listens; return its address."""
-        with gevent.Timeout(START_TIMEOUT, ArgonError(f"'argon {role}' did not start")):
-            line = process.stdout.readline()
-        match = _LISTENING.search(line)
-        if match is None:
-            raise ArgonError(f"'argon {role}' failed to start (exit status {process.poll()})")
-        return match.group(1).decode(), int(match.group(2))
+        """The manager's ``host:port`` (a wildcard listening address is dialed on loopback)."""
+        return f"{_WILDCARDS.get(self.host, self.host)}:{self.port}"
 
     def start(self) -> None:
         """Start the manager, then all nodes at once, and wait until every node has registered."""
         try:
-            manager = ["manager", *self._common()]
-            if self.queue_size is not None:
-                manager += ["--queue-size", str(self.queue_size)]
-            self.host, self.port = self._address(self._launch(manager), "manager")
-            node = ["worker", *self._common(), "--manager", self.address]
-            if self.workers:
-                node += ["--workers", str(self.workers)]
-            if self.max_requests:
-                node += ["--max-requests", str(self.max_requests)]
-            for process in [self._launch(node) for _ in range(self.nodes)]:
-                self._address(process, "worker")
+            manager = self._launch("manager", {**self.manager_options, "port": self.port})
+            _, self.host, self.port = read_ready(manager.stdout, START_TIMEOUT, "'argon manager'")
+            nodes = [
+                self._launch("worker", {**self.worker_options, "manager": self.address, "port": 0})
+                for _ in range(self.nodes)
+            ]
+            for node in nodes:
+                read_ready(node.stdout, START_TIMEOUT, "'argon worker'")
             with self.client() as client:
                 deadline = time.monotonic() + START_TIMEOUT
                 while len(client.status()["workers"]) < self.nodes:
                     if time.monotonic() > deadline:
                         raise ArgonError("workers did not register with the manager")
                     gevent.sleep(0.02)
+        except (ArgonError, RuntimeError, TimeoutError) as exc:
+            self.close()
+            raise ArgonError(f"the local network did not start: {exc}") from exc
         except BaseException:
             self.close()
             raise
+
+    def _launch(self, role: str, own: dict[str, Any]) -> gevent.subprocess.Popen:
+        """Start ``argon ROLE`` with this cluster's options and ``own``, in its own session."""
+        args = [role]
+        for name, value in {**self.options, **own}.items():
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                args.append(flag)
+            elif value is not None and value is not False:  # (0 is a value: --port 0)
+                args += [flag, str(value)]
+        process = gevent.subprocess.Popen(
+            [sys.executable, "-m", "argon", *args],
+            stdout=gevent.subprocess.PIPE,
+            env=child_env(ARGON_DIE_WITH_PARENT="1"),
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
 
     def client(self, **options: Any) -> Client:
         """A new :class:`~argon.client.Client` connected to this cluster's manager."""
         if self.key_file and "key" not in options:
             options.setdefault("key_file", self.key_file)
-        return Client(self.host, self.port, **options)
+        authority = self.worker_options.get("tls_ca") or self.manager_options.get("tls_cert")
+        if authority:
+            options.setdefault("tls", str(authority))
+        host, _, port = self.address.rpartition(":")
+        return Client(host, int(port), **options)
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop the workers, then the manager (SIGTERM; SIGKILL after ``timeout``)."""
-        for process in reversed(self.processes):  # workers first, so they leave cleanly
+    def close(self) -> None:
+        """Stop every process at once and wait until they are gone.
+
+        Each gets SIGTERM together (workers drain, the manager sees them leave); whatever
+        still runs after the grace plus a few seconds is killed with its whole process
+        group, pool processes included. Never waits longer than that.
+        """
+        processes, self.processes = self.processes, []
+        for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except gevent.subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        deadline = time.monotonic() + self.grace + CLOSE_MARGIN
+        for process in processes:
+            with contextlib.suppress(gevent.subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            kill_group(process.pid)  # what outlived the grace, and any pool process left behind
+            with contextlib.suppress(gevent.subprocess.TimeoutExpired):
+                process.wait(timeout=10)
             if process.stdout is not None:
                 process.stdout.close()
-        self.processes = []

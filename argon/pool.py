@@ -27,7 +27,6 @@ import fcntl
 import logging
 import os
 import signal
-import site
 import sys
 import time
 from collections import deque
@@ -42,6 +41,7 @@ import psutil
 from argon import defaults
 from argon.backoff import Backoff
 from argon.errors import ProcessDied, ProtocolError, TaskTimeout
+from argon.osutil import importable
 from argon.protocol import Buffer, Failure, FrameBuffer, Hello, Result, Task, decode, encode_parts, frame_parts
 from argon.states import ProcessState, advance
 
@@ -62,17 +62,6 @@ def default_size() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return psutil.cpu_count() or 1
-
-
-def _child_env() -> dict[str, str]:
-    """The environment for pool processes: ours, with this copy of argon importable."""
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    site_dirs = {*site.getsitepackages(), site.getusersitepackages()}
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in site_dirs and root not in paths:
-        env["PYTHONPATH"] = os.pathsep.join([root, *paths])
-    return env
 
 
 class Job:
@@ -303,7 +292,7 @@ class Pool:
         self.completed = 0
         self.failed = 0
         self.replaced = 0
-        self._env = _child_env()
+        self._env = importable(dict(os.environ))  # tasks see the worker's environment
         self._jobs: deque[Job] = deque()
         self._idle: list[PoolProcess] = []
         self._processes: list[PoolProcess] = []

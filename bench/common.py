@@ -4,8 +4,9 @@ Every process a benchmark starts runs in its own session (so its whole process g
 be killed) and carries its :class:`Stack`'s token in ``ARGON_BENCH_TOKEN``, so
 :meth:`Stack.close` can also find and kill that stack's descendants that left their group
 (Ray's workers, Celery's children) and nothing else. Servers listen on 127.0.0.1 with
-``--port 0`` and the port is read back from the ``listening on HOST:PORT`` line each
-one prints.
+``--port 0`` and the port is read back from the ``ARGON READY ROLE HOST:PORT`` line each
+one prints. Waiting, child environments and process-group kills come from
+:mod:`argon.testing`, which the tests share.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import gevent.subprocess
 import psutil
 
 import argon
-from argon import Client
+from argon import Client, testing
 
 REPO = Path(__file__).resolve().parents[1]
 ARGON = REPO / "bin" / "argon"
@@ -43,19 +44,19 @@ RESULTS = REPO / "bench" / "results"
 T = TypeVar("T")
 HOST = "127.0.0.1"
 RUN = uuid.uuid4().hex  # every stack's token starts with this run's id
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 START_TIMEOUT = 60.0
 #: File descriptors a manager may need with 1,000 workers connected (soft limit raised to this).
 NOFILE = 4096
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """Environment for every process the benchmarks start: the repo importable, no telemetry."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARGON_")}
+    """Environment for every process the benchmarks start: the repo importable, no ARGON_*, no telemetry."""
+    env = testing.child_env(
+        RAY_USAGE_STATS_ENABLED="0",  # no telemetry: traffic stays on this machine
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # single-node Ray on 127.0.0.1 (see baselines.py)
+        PYTHONUNBUFFERED="1",
+    )
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env["RAY_USAGE_STATS_ENABLED"] = "0"  # no telemetry: traffic stays on this machine
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single-node Ray on 127.0.0.1 (see baselines.py)
-    env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
 
@@ -95,16 +96,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``condition`` until it returns something truthy; raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        gevent.sleep(interval)
+wait_for = testing.wait_for
 
 
 class Proc:
@@ -148,9 +140,13 @@ class Proc:
         raise RuntimeError(f"{self.name} exited or printed {''.join(seen)!r}:\n{self.log()}")
 
     def wait_listening(self, timeout: float = START_TIMEOUT) -> Proc:
-        """Wait for the ``listening on HOST:PORT`` line and remember the address."""
-        match = self.wait_line(LISTENING, timeout)
-        self.host, self.port = match.group(1), int(match.group(2))
+        """Wait for the ``ARGON READY ROLE HOST:PORT`` line and remember the address."""
+        try:
+            _, self.host, self.port = testing.read_ready(self.popen.stdout, timeout, self.name)
+        except testing.WaitTimeout:
+            raise TimeoutError(f"{self.name} did not start:\n{self.log()}") from None
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{self.log()}") from None
         return self
 
     def log(self, tail: int | None = 4000) -> str:
@@ -173,8 +169,7 @@ class Proc:
 
     def kill(self) -> None:
         """SIGKILL the whole process group and reap the process."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+        testing.kill_group(self.pid)
         with contextlib.suppress(gevent.subprocess.TimeoutExpired):
             self.popen.wait(timeout=10)
         if self.popen.stdout is not None:
@@ -259,7 +254,7 @@ class Stack:
     def wait_workers(self, client: Any, count: int, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until the server reports ``count`` workers; return its status."""
         return wait_for(
-            lambda: (s := client.status()) and len(s["workers"]) >= count and s, timeout, f"{count} workers", 0.1
+            lambda: (s := client.status()) and len(s["workers"]) >= count and s, timeout, 0.1, f"{count} workers"
         )
 
     def close(self) -> None:

@@ -145,7 +145,7 @@ def routing(count: int, repeats: int) -> dict[str, dict[str, Any]]:
         idle_with = _idle(manager, helper, idle_time)
         crowded = [_batch(manager, client, count, True, helper) for _ in range(repeats)]
         helper.kill()
-        common.wait_for(lambda: len(client.status()["workers"]) == 1, 30, "the stand-ins to be dropped", 0.1)
+        common.wait_for(lambda: len(client.status()["workers"]) == 1, 30, 0.1, "the stand-ins to be dropped")
         alone += [_batch(manager, client, count, True, None) for _ in range(repeats)]
         out["1 real worker"] = _summary(alone, idle_alone, 1)
         out["1 real + 999 busy stand-ins"] = _summary(crowded, idle_with, workers)

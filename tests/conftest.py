@@ -2,7 +2,8 @@
 
 Every process runs in its own session, so teardown can kill its whole process group
 (pool processes included). Ports are picked by the servers (``--port 0``) and read
-back from the line each server prints once it is ready. Waits are conditions with
+back from the ``ARGON READY`` line each server prints once it is ready (see
+:mod:`argon.testing`, which the benchmarks share). Waits are conditions with
 deadlines, never fixed sleeps.
 """
 
@@ -11,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
 import signal
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,32 +22,19 @@ import gevent
 import gevent.subprocess
 import pytest
 
-from argon import Client
+from argon import Client, testing
+from argon.testing import kill_group, read_ready, wait_for
+
+__all__ = ["ARGON", "REPO", "ArgonProcess", "Network", "child_env", "kill_group", "wait_for"]
 
 REPO = Path(__file__).resolve().parents[1]
 ARGON = REPO / "bin" / "argon"
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 _counter = itertools.count(1)
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02, what: str = "") -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        gevent.sleep(interval)
-
-
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment for argon processes: only the repository is importable (not tests/)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARGON_")}
-    env["PYTHONPATH"] = str(REPO)
-    env.update(extra)
-    return env
+    """The environment for argon processes: no ARGON_* settings, this repository importable."""
+    return testing.child_env(PYTHONPATH=str(REPO), **extra)
 
 
 class ArgonProcess:
@@ -68,16 +54,16 @@ class ArgonProcess:
         self.pid = self.popen.pid
         self.host = "127.0.0.1"
         self.port = port
+        self.printed: list[str] = []  # what it printed on stdout before its ready line
         if wait:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Read the 'listening on' line; fail with the process's log if it never comes."""
-        with gevent.Timeout(timeout, AssertionError(f"{self.role} did not start:\n{self.log()}")):
-            line = self.popen.stdout.readline().decode()
-        match = LISTENING.search(line)
-        assert match, f"{self.role} printed {line!r} instead of its address:\n{self.log()}"
-        self.host, self.port = match.group(1), int(match.group(2))
+        """Read the ``ARGON READY`` line; fail with the process's log if it never comes."""
+        try:
+            _, self.host, self.port = read_ready(self.popen.stdout, timeout, self.role, self.printed)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}\n{self.log()}") from None
 
     @property
     def address(self) -> str:
@@ -105,8 +91,7 @@ class ArgonProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole process group (pool processes too) and reap."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+        kill_group(self.pid)
         with contextlib.suppress(gevent.subprocess.TimeoutExpired):
             self.popen.wait(timeout=10)
         for pipe in (self.popen.stdout,):

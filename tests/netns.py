@@ -48,10 +48,11 @@ from typing import IO, Any
 import gevent
 import gevent.subprocess
 
+from argon.testing import kill_group, read_ready
+
 ARGON = Path(__file__).resolve().parents[1] / "bin" / "argon"
 PREFIX = "argnt"
 NAME = re.compile(rf"^{PREFIX}(\d+)-")
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 HOSTS = ("manager", "worker1", "worker2")
 CLIENT_OCTET = 254
 NIC = "eth0"
@@ -257,8 +258,7 @@ class NsProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole process group and reap it; idempotent."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+        kill_group(self.pid)
         with contextlib.suppress(gevent.subprocess.TimeoutExpired):
             self.popen.wait(timeout=10)
         if self.popen.stdout is not None:
@@ -267,7 +267,7 @@ class NsProcess:
 
 
 class ArgonNode(NsProcess):
-    """``bin/argon ROLE`` on one host of the testbed; its address is read from its first line."""
+    """``bin/argon ROLE`` on one host of the testbed; its address is read from its ready line."""
 
     def __init__(self, host: Host, role: str, args: Sequence[str], log_dir: Path, env: dict[str, str],
                  serial: int) -> None:
@@ -279,11 +279,11 @@ class ArgonNode(NsProcess):
         self.port = 0
 
     def wait_ready(self, timeout: float = 30.0) -> ArgonNode:
-        """Wait for the 'listening on HOST:PORT' line and remember the address."""
-        line = self.readline(timeout)
-        match = LISTENING.search(line)
-        assert match, f"{self.role} on {self.host.name} printed {line!r}:\n{self.log()}"
-        self.ip, self.port = match.group(1), int(match.group(2))
+        """Wait for the ``ARGON READY ROLE HOST:PORT`` line and remember the address."""
+        try:
+            _, self.ip, self.port = read_ready(self.popen.stdout, timeout, f"{self.role} on {self.host.name}")
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}\n{self.log()}") from None
         return self
 
     @property

@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from argon import LocalCluster, TaskCancelled
+from argon.testing import read_ready
 
 from conftest import ARGON, child_env, wait_for
 
@@ -107,9 +108,9 @@ def _metric(text, name, **labels):
 def test_prometheus_metrics_of_manager_and_worker(net):
     pytest.importorskip("prometheus_client")
     manager = net.manager("--metrics-port", "0", "--queue-size", "0")
-    manager_metrics = manager.popen.stdout.readline().decode().split()[-1]
+    manager_metrics = next(line for line in manager.printed if "metrics on" in line).split()[-1]
     worker = net.worker(manager, "--metrics-port", "0", processes=1)
-    worker_metrics = worker.popen.stdout.readline().decode().split()[-1]
+    worker_metrics = next(line for line in worker.printed if "metrics on" in line).split()[-1]
     client = net.client(manager, retries=0)
     net.wait_workers(client, 1)
     assert [client.queue(lambda i: i, [i]) for i in range(5)] == list(range(5))
@@ -240,11 +241,9 @@ def test_argon_local_runs_until_interrupted(net):
     proc = gevent.subprocess.Popen([sys.executable, str(ARGON), "local", "--nodes", "2", "--workers", "1"],
                                    stdout=gevent.subprocess.PIPE, env=child_env(), start_new_session=True)
     try:
-        with gevent.Timeout(60):
-            line = proc.stdout.readline().decode()
-        address = re.search(r"listening on (\S+):(\d+)", line)
-        assert address, line
-        status = json.loads(argon("status", f"{address.group(1)}:{address.group(2)}", "--json").stdout)
+        role, host, port = read_ready(proc.stdout, 60, "argon local")
+        assert role == "local"
+        status = json.loads(argon("status", f"{host}:{port}", "--json").stdout)
         assert len(status["workers"]) == 2
         family = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         proc.send_signal(signal.SIGINT)
