@@ -74,6 +74,7 @@ import msgpack
 import psutil
 
 from argon import ArgonError, Client, defaults
+from argon.connection import PYTHON
 from argon.errors import ProtocolError
 from argon.protocol import (
     HEADER,
@@ -296,6 +297,8 @@ class Model:
             self.expect_hello = False
             if kind is not Hello or msg.version != VERSION or msg.role != "client":
                 self.verdict = "close"
+            elif msg.python and msg.python.split(".")[:2] != PYTHON.split(".")[:2]:
+                self.verdict = "close"  # another Python major.minor: refused at the hello
             return
         for item in msg.messages if kind is Batch else [msg]:  # a batch: as if each came alone
             if type(item) not in CLIENT_MAY_SEND or type(item) is Bye:

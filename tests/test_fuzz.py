@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from argon import Client, TaskTimeout, defaults
-from argon.connection import Connection
+from argon.connection import PYTHON, Connection
 from argon.errors import ArgonError, ProtocolError
 from argon.protocol import (
     HEADER,
@@ -276,6 +276,11 @@ class Prediction:
     status_ids: set[int] = dataclasses.field(default_factory=set)
 
 
+def same_python(hello: Hello) -> bool:
+    """Whether a server accepts the hello's Python version: empty (not announced), or our major.minor."""
+    return not hello.python or hello.python.split(".")[:2] == PYTHON.split(".")[:2]
+
+
 def predict(data: bytes, checker: FrameSigner | None, *, client_rules: bool = True,
             expect_hello: bool = False) -> Prediction:
     """Predict what a server does with ``data``.
@@ -312,6 +317,9 @@ def predict(data: bytes, checker: FrameSigner | None, *, client_rules: bool = Tr
         kind = type(msg)
         out.messages += msg.messages if kind is Batch else [msg]
         if hello_pending:
+            if kind is Hello and not same_python(msg):
+                out.close = out.bye = True  # refused at the hello, naming both versions
+                return out
             if kind is not Hello or msg.version != VERSION or msg.role != "client":
                 # A worker's hello would make this a worker link: not something these streams aim at.
                 out.close = None if kind is Hello and msg.version == VERSION and msg.role == "worker" else True
