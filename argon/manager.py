@@ -319,6 +319,8 @@ class Manager(Server):
         link.inflight.clear()
         if drained and not tickets:
             log.info("worker %s (%s) left after draining", link.id, link.conn.peer)
+        elif self.stopping and not tickets:  # this manager is closing its links: nothing lost
+            log.info("worker %s (%s) disconnected: %s", link.id, link.conn.peer, reason)
         else:
             log.warning(
                 "worker %s (%s) lost: %s; %d tasks it held to redeliver", link.id, link.conn.peer, reason, len(tickets)
