@@ -26,7 +26,9 @@ Options:
                         tasks are rejected at once (default: unbounded).
   --key FILE            Shared key file (see keygen); every peer must hold the same.
   --insecure            Admit peers from any address without a key.
-  --manager HOST:PORT   Manager to take tasks from (default: none; serve clients).
+  --manager HOST:PORT   Manager to take tasks from; several, comma-separated
+                        (h1:p1,h2:p2), are served at once (default: none;
+                        serve clients).
   --workers N           Pool processes (default: the CPUs this process may use).
   --max-requests N      Replace a pool process after it has run N tasks
                         (default: never).
@@ -199,7 +201,7 @@ def build_config(args: dict[str, Any]) -> ServerConfig:
         common["port"] = defaults.WORKER_PORT
     return WorkerConfig(
         **common,
-        manager=_address(args["--manager"]) if args["--manager"] else None,
+        managers=[_address(part) for part in args["--manager"].split(",")] if args["--manager"] else [],
         processes=_workers(args),
         max_requests=_number(args, "--max-requests", int, 1),
         manager_tls=client_tls(args["--tls-ca"]) if args["--tls-ca"] else None,

@@ -176,3 +176,38 @@ class Prefetch:
     def stalled(self, youngest: float) -> bool:
         """Whether processes whose newest task started ``youngest`` seconds ago are stuck."""
         return youngest > max(self.stall_after, 8 * (self.typical or 0.0))
+
+
+def offers(size: int, free: int, running: list[int], prefetch: int) -> list[tuple[int, int]]:
+    """The credit ``(window, processes)`` a worker gives each of its managers.
+
+    Every idle process is offered to every manager at once: a manager with work waiting
+    takes it in one trip, and a quiet manager is never left without an offer because a
+    busy one holds the rest. If two managers take the same process, the task that comes
+    second waits in the worker's queue; its manager's next credit no longer counts it as
+    started, so that manager sees it as waiting and takes it back when a process is idle
+    elsewhere (:class:`~argon.protocol.Reclaim`). The pool starts tasks in the order they
+    came, whichever manager sent them, so no manager is served ahead of its turn.
+
+    The prefetch is split between the managers; with several, each gets room for at
+    least one waiting task, so a manager whose tasks arrive while a busy one keeps every
+    process full still gets its task into the worker's queue, and is served in turn.
+
+    Args:
+        size: The worker's processes.
+        free: Its idle processes (none while any task waits in it).
+        running: For each manager, how many of its tasks are running.
+        prefetch: Tasks the worker holds beyond its processes, in all (0: none).
+
+    Returns:
+        ``(window, processes)`` for each manager, in the order of ``running``.
+    """
+    count = len(running)
+    credits = []
+    for index, mine in enumerate(running):
+        processes = min(size, mine + free)
+        share = (prefetch + index) // count  # the shares add up to ``prefetch``
+        if count > 1 and prefetch:
+            share = max(share, 1)
+        credits.append((processes + share, processes))
+    return credits

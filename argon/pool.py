@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -553,6 +553,10 @@ class Pool:
             process.kill()
         self._processes = []
         self._idle = []
+
+    def running_tags(self) -> Counter[Any]:
+        """How many running jobs carry each tag."""
+        return Counter(process.job.tag for process in self._processes if process.job is not None)
 
     def processes(self) -> list[dict[str, Any]]:
         """Per-process figures: pid, tasks run, resident memory."""

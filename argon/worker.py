@@ -3,13 +3,16 @@
 Stand-alone (no manager), the worker listens for clients and queues their tasks for its
 pool, rejecting new ones beyond ``queue_size`` waiting tasks.
 
-Managed (``manager=(host, port)``), it dials the manager, registers its capacity and
-runs what the manager sends, holding at most what its credit allows: its free processes
-plus a prefetch that :class:`~argon.flow.Prefetch` sizes from how long its tasks take. It
-hands back tasks it has not started when the manager asks (another process is idle), when
-every one of its processes is stuck on a task far longer than usual, and when it drains.
+Managed (``managers=[(host, port), ...]``), it dials each manager, registers its capacity
+with each and runs what they send, holding from each at most what its credit allows (see
+:func:`~argon.flow.offers`): its idle processes, offered to every manager at once, plus a
+share of the prefetch that :class:`~argon.flow.Prefetch` sizes from how long its tasks
+take. Its pool starts tasks in the order they came, whichever manager sent them, and
+never more at once than it has processes. It hands back tasks it has not started when a
+manager asks (another process is idle), when every one of its processes is stuck on a
+task far longer than usual, and when it drains.
 
-If the link drops it reconnects with capped backoff and registers again. Tasks the
+Each link reconnects on its own with capped backoff and registers again. Tasks the
 manager sent that had not started are dropped at once (the manager re-sends them
 elsewhere); tasks already running finish, but their results belong to a connection that
 is gone, so they are logged and counted as ``discarded`` rather than delivered. Until
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import itertools
 import logging
 import os
 import socket
@@ -37,7 +42,7 @@ from argon import defaults
 from argon.backoff import Backoff
 from argon.connection import Connection, connect
 from argon.errors import ArgonError, ConnectionLost, ProtocolError, TaskCancelled
-from argon.flow import Prefetch
+from argon.flow import Prefetch, offers
 from argon.pool import Job, Pool, Reply
 from argon.protocol import (
     Bye,
@@ -63,27 +68,32 @@ log = logging.getLogger(__name__)
 class WorkerConfig(ServerConfig):
     """Worker settings on top of :class:`~argon.server.ServerConfig`.
 
-    ``processes`` is the pool size (``--workers`` on the command line).
+    ``processes`` is the pool size (``--workers`` on the command line); ``managers`` the
+    managers to serve (none: serve clients directly).
     """
 
-    manager: tuple[str, int] | None = None
+    managers: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     processes: int | None = None
     max_requests: int | None = None
     manager_tls: ssl.SSLContext | None = None
 
 
+def _tagged(tag: int, job: Job) -> bool:
+    """Whether ``job`` came on the connection ``tag`` names."""
+    return bool(job.tag == tag)
+
+
 class ManagerLink:
-    """This worker's link to its manager and the credit granted on it (see :class:`LinkState`).
+    """This worker's link to one manager and the credit granted on it (see :class:`LinkState`).
 
     Attributes:
         address: The manager's ``(host, port)``.
         state: Where the link is in its life cycle.
         conn: The current connection (None while dialing or lost).
-        session: Counts connections; a task's reply goes only to the connection it came on.
+        session: This connection's tag on its tasks in the pool (unique in the worker): a
+            task's reply goes only to the connection it came on.
         window: The credit granted on this connection: most tasks held at once.
         processes: How many of them start at once.
-        foreign: Processes still running tasks of an earlier connection.
-        stalled: Prefetch is off until a process frees up (all were stuck on long tasks).
         released: Set once the manager will route nothing more on this connection (it
             answered our goodbye, or the connection closed).
     """
@@ -95,15 +105,18 @@ class ManagerLink:
         self.session = 0
         self.window = 0
         self.processes = 0
-        self.foreign = 0
-        self.stalled = False
         self.released = gevent.event.Event()
 
     def __repr__(self) -> str:
         return (
-            f"<ManagerLink {self.address[0]}:{self.address[1]} {self.state.value} session {self.session},"
+            f"<ManagerLink {self.name} {self.state.value} session {self.session},"
             f" credit {self.window}/{self.processes}>"
         )
+
+    @property
+    def name(self) -> str:
+        """The manager's ``host:port``."""
+        return f"{self.address[0]}:{self.address[1]}"
 
     def move(self, state: LinkState) -> None:
         """Change state (see :data:`argon.states.MOVES`)."""
@@ -138,21 +151,23 @@ class Worker(Server):
         self.failure: str | None = None
         self.discarded = 0
         self.handed_back = 0
-        self.link = ManagerLink(config.manager) if config.manager is not None else None
-        self._linker: gevent.Greenlet | None = None
+        self.links = [ManagerLink(address) for address in config.managers]
+        self._linkers: list[gevent.Greenlet] = []
+        self._sessions = itertools.count(1)
+        self._stalled = False  # prefetch is off until a process frees up (all were stuck on long tasks)
+        self._offer_due = False  # a credit update is scheduled for this turn of the loop
         self._watch: Any = None  # timer looking for stalls while tasks wait in the pool
 
     @property
     def managed(self) -> bool:
-        """Whether this worker serves a manager."""
-        return self.link is not None
+        """Whether this worker serves managers."""
+        return bool(self.links)
 
     def start(self) -> None:
-        """Start the pool, then listen, then (if managed) dial the manager."""
+        """Start the pool, then listen, then (if managed) dial every manager."""
         self.pool.start()
         super().start()
-        if self.link is not None:
-            self._linker = gevent.spawn(self._manager_loop, self.link)
+        self._linkers = [gevent.spawn(self._manager_loop, link) for link in self.links]
 
     def handle(self, conn: Connection) -> None:
         """Serve a client (a managed worker only answers status requests)."""
@@ -166,9 +181,9 @@ class Worker(Server):
 
     def submit(self, client: ClientLink, task: Task) -> None:
         """Queue a client's task for the pool, or reject it."""
-        if self.link is not None:
-            host, port = self.link.address
-            why = f"worker {self.name} takes tasks only from its manager at {host}:{port}"
+        if self.links:
+            where = ", ".join(link.name for link in self.links)
+            why = f"worker {self.name} takes tasks only from its manager at {where}"
             client.conn.send(Failure(task.id, ProtocolError.__name__, why))
             return
         limit = self.config.queue_size
@@ -213,7 +228,7 @@ class Worker(Server):
         client.tasks.clear()
         self.pool.cancel(lambda job: job.tag is client)
 
-    # -- managed: the link to the manager ---------------------------------------------------------
+    # -- managed: the links to the managers ------------------------------------------------------
 
     def _manager_loop(self, link: ManagerLink) -> None:
         host, port = link.address
@@ -244,17 +259,20 @@ class Worker(Server):
                 link.move(LinkState.DIALING)
             gevent.sleep(backoff.next_delay() or defaults.RECONNECT_MAX_DELAY)
 
+    def _free(self) -> int:
+        """Processes that hold no task (none while a task waits in the pool)."""
+        pool = self.pool
+        return max(0, pool.size - pool.running - pool.queued)
+
     def _serve_manager(self, link: ManagerLink, conn: Connection) -> None:
-        link.session += 1
-        session = link.session
-        link.foreign = self.pool.outstanding  # still running: tasks of the last connection
-        free = max(0, self.pool.size - link.foreign)
+        session = link.session = next(self._sessions)
+        free = self._free()
         conn.send_now(Register(self.id, self.address[0], self.address[1], self.pool.size, free, os.getpid()))
-        link.conn, link.window, link.processes, link.stalled = conn, free, free, False
+        link.conn, link.window, link.processes = conn, free, free
         link.released = gevent.event.Event()
         link.move(LinkState.SERVING)
         log.info("registered with manager %s (%d of %d processes free)", conn.peer, free, self.pool.size)
-        self._grant(link)
+        self._offer_now()
         reporter = gevent.spawn(self._report_stats, conn)
         reason = conn.serve(lambda msg: self._manager_message(link, session, msg))
         reporter.kill(block=False)
@@ -265,12 +283,13 @@ class Worker(Server):
             link.move(LinkState.CLOSED)
             return
         link.move(LinkState.LOST)
+        self._offer()  # the processes its tasks held are for the other managers now
         log.warning(
             "lost manager %s (%s); %d queued tasks left to the manager to re-send, %d still running; reconnecting",
             conn.peer,
             reason,
             len(dropped),
-            self.pool.running,
+            self.pool.running_tags()[session],
         )
 
     def _manager_message(self, link: ManagerLink, session: int, msg: Message) -> None:
@@ -282,11 +301,15 @@ class Worker(Server):
                 return
             arrived = self.clock()
             self.pool.submit(Job(msg, lambda reply: self._managed_done(link, session, reply, arrived), session))
+            if len(self.links) > 1:
+                self._offer()  # the process it took is no longer the other managers' to fill
             if self.pool.queued and self._watch is None:
-                self._watch_stalls(link)
+                self._watch_stalls()
         elif isinstance(msg, Reclaim):
             jobs = self.pool.cancel(lambda job: job.tag == session, max(0, msg.limit))
             self._hand_back(link, [job.task.id for job in jobs], "reclaimed")
+            if jobs:
+                self._offer()
         elif isinstance(msg, StatusRequest):
             conn.send(StatusReply(msg.id, self.status()))
         elif isinstance(msg, Bye):
@@ -312,54 +335,74 @@ class Worker(Server):
 
     def _managed_done(self, link: ManagerLink, session: int, reply: Reply, arrived: float) -> None:
         self.observe(arrived)
-        link.stalled = False  # a process is free again
+        self._stalled = False  # a process is free again
         if session == link.session and link.open:
             assert link.conn is not None
             link.conn.reply(reply)
         else:
             self.discarded += 1
-            if session != link.session:  # counted as busy when the current connection registered
-                link.foreign -= 1
             log.warning(
-                "discarding the result of task %d: its manager connection is gone (the manager"
+                "discarding the result of task %d: its connection to manager %s is gone (the manager"
                 " re-sends tasks of lost workers)",
                 reply.id,
+                link.name,
             )
-        self._grant(link)
+        self._offer()
 
-    def _grant(self, link: ManagerLink) -> None:
-        """Send a new credit if what this worker will hold has changed."""
-        if link.state is not LinkState.SERVING or link.conn is None:
+    def _offer(self) -> None:
+        """Update every manager's credit once the pool has settled (later in this turn of the loop).
+
+        Deferred because a finishing task's reply comes before the pool starts the next
+        queued task, and several replies often come in one turn: one update covers them all.
+        """
+        if not self._offer_due:
+            self._offer_due = True
+            gevent.get_hub().loop.run_callback(self._offer_now)
+
+    def _offer_now(self) -> None:
+        """Send each serving link its credit, if it changed (see :func:`argon.flow.offers`)."""
+        self._offer_due = False
+        serving = [link for link in self.links if link.state is LinkState.SERVING and link.conn is not None]
+        if not serving:
             return
-        processes = min(self.pool.size, max(0, self.pool.size - link.foreign))
-        window = processes + (0 if link.stalled else self.prefetch.depth(processes))
-        if window != link.window or processes != link.processes:
-            link.window, link.processes = window, processes
-            with contextlib.suppress(ConnectionLost):
-                link.conn.send(Credit(window, processes))
+        size = self.pool.size
+        running = self.pool.running_tags()
+        prefetch = 0 if self._stalled else self.prefetch.depth(size)
+        mine = [running[link.session] for link in serving]
+        for link, (window, processes) in zip(serving, offers(size, self._free(), mine, prefetch), strict=True):
+            if window != link.window or processes != link.processes:
+                link.window, link.processes = window, processes
+                assert link.conn is not None
+                with contextlib.suppress(ConnectionLost):
+                    link.conn.send(Credit(window, processes))
 
-    def _watch_stalls(self, link: ManagerLink) -> None:
+    def _watch_stalls(self) -> None:
         """While tasks wait in the pool, look every so often whether they wait behind stuck processes."""
         interval = self.prefetch.stall_after / 2
         self._watch = gevent.get_hub().loop.timer(interval, interval)
-        self._watch.start(self._check_stall, link)
+        self._watch.start(self._check_stall)
 
-    def _check_stall(self, link: ManagerLink) -> None:
+    def _check_stall(self) -> None:
         """Timer callback: hand back waiting tasks if every process is far over its usual time."""
         pool = self.pool
-        if not pool.queued or link.state is not LinkState.SERVING:
+        serving = [link for link in self.links if link.state is LinkState.SERVING]
+        if not pool.queued or not serving:
             self._watch.close()
             self._watch = None
             return
         youngest = pool.youngest(time.monotonic())
         if youngest is None or not self.prefetch.stalled(youngest):
             return
-        session = link.session
-        jobs = pool.cancel(lambda job: job.tag == session)
-        log.info("handing back %d waiting tasks: every process has run its task for %.2fs", len(jobs), youngest)
-        link.stalled = True
-        self._hand_back(link, [job.task.id for job in jobs], "waiting behind long tasks")
-        self._grant(link)
+        self._stalled = True
+        for link in serving:
+            session = link.session
+            jobs = pool.cancel(functools.partial(_tagged, session))
+            if jobs:
+                log.info(
+                    "handing back %d waiting tasks: every process has run its task for %.2fs", len(jobs), youngest
+                )
+                self._hand_back(link, [job.task.id for job in jobs], "waiting behind long tasks")
+        self._offer_now()
 
     def _pool_broken(self, reason: str) -> None:
         """The pool cannot replace a process: say so loudly and stop, so a supervisor restarts us."""
@@ -397,7 +440,7 @@ class Worker(Server):
     def status(self) -> dict[str, Any]:
         """This worker as its own one-worker network."""
         pool = self.pool
-        link = self.link
+        links = self.links
         row = WorkerRow(
             id=self.id,
             host=self.address[0],
@@ -405,8 +448,8 @@ class Worker(Server):
             pid=os.getpid(),
             capacity=pool.size,
             busy=pool.running,
-            prefetched=pool.queued if link is not None else 0,
-            credit=link.window if link is not None else pool.size,
+            prefetched=pool.queued if links else 0,
+            credit=sum(link.window for link in links) if links else pool.size,
             completed=self.completed,
             failed=self.failed,
             draining=self.stopping,
@@ -419,11 +462,12 @@ class Worker(Server):
             "capacity": pool.size,
             "busy": pool.running,
             "prefetched": row.prefetched,
-            "queued": pool.queued if link is None else 0,
+            "queued": 0 if links else pool.queued,
             "discarded": self.discarded,
             "handed_back": self.handed_back,
-            "manager": f"{link.address[0]}:{link.address[1]}" if link is not None else None,
-            "manager_connected": link is not None and link.open,
+            "manager": ",".join(link.name for link in links) or None,
+            "manager_connected": bool(links) and all(link.open for link in links),
+            "managers": [{"address": link.name, "connected": link.open} for link in links],
         }
 
     def shutdown(self, grace: float | None = None) -> None:
@@ -431,27 +475,31 @@ class Worker(Server):
         grace = self.config.grace if grace is None else grace
         log.info("worker %s draining (grace %.0fs, %d tasks in hand)", self.name, grace, self.pool.outstanding)
         self.say_goodbye(f"worker {self.name} is shutting down")
-        link = self.link
-        conn = link.conn if link is not None else None
-        if link is not None and conn is not None and link.state is LinkState.SERVING:
+        leaving: list[tuple[ManagerLink, Connection]] = []
+        for link in self.links:
+            conn = link.conn
+            if conn is None or link.state is not LinkState.SERVING:
+                continue
+            leaving.append((link, conn))
             link.move(LinkState.DRAINING)
             with contextlib.suppress(ConnectionLost):
                 conn.send(Bye("draining"))  # first, so the manager routes what comes back elsewhere
             session = link.session
-            unstarted = self.pool.cancel(lambda job: job.tag == session)
+            unstarted = self.pool.cancel(functools.partial(_tagged, session))
             if unstarted:
                 self._hand_back(link, [job.task.id for job in unstarted], "draining")
         if not self.pool.join(grace):
             log.warning("grace period over; abandoning %d tasks", self.pool.outstanding)
-        if link is not None and conn is not None:
+        deadline = time.monotonic() + defaults.DRAIN_ACK_TIMEOUT
+        for link, conn in leaving:
             # Keep reading until the manager confirms it routes us nothing more, so a task
             # that crossed our goodbye is handed back rather than lost in a reset socket.
-            if not link.released.wait(defaults.DRAIN_ACK_TIMEOUT):
+            if not link.released.wait(max(0.0, deadline - time.monotonic())):
                 log.warning("manager %s did not answer our goodbye within %gs", conn.peer, defaults.DRAIN_ACK_TIMEOUT)
             conn.flush(2.0)
             conn.close("worker stopped")
-        if self._linker is not None:
-            self._linker.kill(block=False)
+        for linker in self._linkers:
+            linker.kill(block=False)
         if self._watch is not None:
             self._watch.close()
         self.close_connections()

@@ -24,7 +24,7 @@ import pytest
 from argon import defaults
 from argon.connection import Connection
 from argon.errors import ConnectionLost, ProtocolError
-from argon.flow import Prefetch, Routes
+from argon.flow import Prefetch, Routes, offers
 from argon.manager import Manager, WorkerLink
 from argon.protocol import (
     VERSION,
@@ -551,6 +551,42 @@ def test_prefetch_depth_follows_how_long_tasks_take(run_time, processes, depth):
     for _ in range(40 if run_time is not None else 0):
         prefetch.observe(run_time)
     assert prefetch.depth(processes) == depth
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_one_manager_gets_a_steady_credit_however_busy_the_worker_is(prefetch):
+    for running in range(5):
+        assert offers(4, 4 - running, [running], prefetch) == [(4 + prefetch, 4)]
+
+
+def test_every_idle_process_is_offered_to_every_manager():
+    # 4 processes: manager 0 runs 2 tasks, manager 1 none, 2 processes idle: each may fill both.
+    assert offers(4, 2, [2, 0], 0) == [(4, 4), (2, 2)]
+    # No process idle: each manager may fill only what its own tasks hold.
+    assert offers(4, 0, [3, 1], 0) == [(3, 3), (1, 1)]
+
+
+@pytest.mark.parametrize(("prefetch", "managers"), [(1, 2), (2, 3), (5, 2), (64, 3)])
+def test_the_prefetch_is_shared_and_every_manager_keeps_room_for_a_waiting_task(prefetch, managers):
+    credits = offers(2, 0, [1, 1, 0][:managers], prefetch)
+    extra = [window - processes for window, processes in credits]
+    assert min(extra) >= 1, "a quiet manager needs room for one task in the worker's queue"
+    assert sum(extra) == max(prefetch, managers)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_offers_are_credits_a_manager_accepts(seed):
+    rng = random.Random(seed)
+    size = rng.randint(1, 8)
+    managers = rng.randint(1, 4)
+    running = [0] * managers
+    for _ in range(rng.randint(0, size)):
+        running[rng.randrange(managers)] += 1
+    free = size - sum(running)
+    for window, processes in offers(size, free, running, rng.choice([0, 1, 4, defaults.MAX_PREFETCH])):
+        sim = SimWorker(Manager(ServerConfig()), "w", size)
+        sim.credit(window, processes)  # a ProtocolError here would close the worker's link
+        assert sim.link.processes == processes <= size
 
 
 def test_one_long_task_does_not_wipe_out_what_short_ones_taught():

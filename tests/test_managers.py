@@ -6,6 +6,8 @@ import json
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +90,115 @@ def test_status_of_several_managers_shows_a_lost_one_as_down(net):
     assert table.returncode == 0, table.stderr
     assert f"manager {managers[1].address}  DOWN" in table.stdout
     assert "network: 1 of 2 managers up, 1 workers, capacity 2" in table.stdout
+
+
+# -- workers that serve several managers ---------------------------------------------------------
+
+
+def _make_logged():
+    # Nested, so it travels by value: the workers cannot import this test module.
+    def logged(path, value, seconds):
+        import os as _os
+        import time as _time
+
+        start = _time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on the host
+        _time.sleep(seconds)
+        end = _time.monotonic()
+        with open(path, "a") as out:
+            out.write(f"{start!r} {end!r} {_os.getpid()}\n")
+        return value
+
+    return logged
+
+
+logged = _make_logged()
+
+
+def shared_workers(net: Network, managers: int = 2, workers: int = 2, processes: int = 2) -> tuple[list, list]:
+    """``managers`` managers and ``workers`` workers, each worker registered with every manager."""
+    servers = [net.manager() for _ in range(managers)]
+    every = ",".join(m.address for m in servers)
+    nodes = [net.start("worker", "--manager", every, "--workers", str(processes)) for _ in range(workers)]
+    for manager in servers:
+        with Client(manager.address) as c:
+            net.wait_workers(c, workers)
+    return servers, nodes
+
+
+def completed(manager) -> int:
+    with Client(manager.address) as c:
+        return c.status()["completed"]
+
+
+@pytest.mark.timeout(120)
+def test_workers_registered_with_both_managers_run_tasks_from_both(net):
+    managers, _ = shared_workers(net)
+    with Client(",".join(m.address for m in managers)) as client:
+        deferreds = [client.defer(nap, [i, 0.001]) for i in range(2000)]
+        assert [d(timeout=60) for d in deferreds] == list(range(2000))
+    routed = [completed(m) for m in managers]
+    assert sum(routed) >= 2000 and min(routed) > 200, f"both managers should route a fair share: {routed}"
+    for manager in managers:
+        with Client(manager.address) as c:
+            status = c.status()
+            assert len(status["workers"]) == 2 and status["capacity"] == 4
+
+
+@pytest.mark.timeout(120)
+def test_killing_a_manager_loses_nothing_and_workers_register_again_when_it_returns(net):
+    managers, workers = shared_workers(net)
+    with Client([m.address for m in managers], reconnect_deadline=60) as client:
+        deferreds = [client.defer(nap, [i, 0.005]) for i in range(2000)]
+        wait_for(lambda: sum(d.done() for d in deferreds) >= 500, 60, what="a quarter of the results")
+        managers[0].signal(signal.SIGKILL)
+        assert [d(timeout=90) for d in deferreds] == list(range(2000))
+    for worker in workers:
+        assert worker.alive()
+        with Client(worker.address) as c:
+            links = c.status()["managers"]
+            assert [m["connected"] for m in links] == [False, True]
+    # Restarted on its port, the manager gets both workers back within seconds, and routes again.
+    restarted = net.manager(port=managers[0].port)
+    with Client(restarted.address) as c:
+        net.wait_workers(c, 2, timeout=10)
+        assert [c.queue(nap, [i, 0.0]) for i in range(20)] == list(range(20))
+    for worker in workers:
+        with Client(worker.address) as c:
+            assert wait_for(lambda c=c: all(m["connected"] for m in c.status()["managers"]), 10)
+
+
+@pytest.mark.timeout(120)
+def test_two_managers_never_start_more_tasks_on_a_worker_than_it_has_processes(net, tmp_path):
+    managers, _ = shared_workers(net, workers=1, processes=2)
+    path = str(tmp_path / "spans.txt")
+    clients = [net.client(m) for m in managers]
+    deferreds = [
+        client.defer(logged, [path, i, 0.002 * (i % 7)]) for i in range(300) for client in clients
+    ]
+    assert [d(timeout=60) for d in deferreds] == [i for i in range(300) for _ in clients]
+    assert all(completed(m) == 300 for m in managers)
+    events = []
+    for line in Path(path).read_text().splitlines():
+        start, end, _pid = line.split()
+        events += [(float(start), 1), (float(end), -1)]
+    assert len(events) == 1200
+    running = most = 0
+    for _when, step in sorted(events):  # an end sorts before a start at the same instant
+        running += step
+        most = max(most, running)
+    assert most == 2, f"at most 2 tasks may run at once on a 2-process worker, saw {most}"
+
+
+@pytest.mark.timeout(120)
+def test_a_busy_manager_cannot_starve_a_quiet_one(net):
+    managers, _ = shared_workers(net, workers=1, processes=2)
+    busy, quiet = (net.client(m) for m in managers)
+    backlog = [busy.defer(nap, [i, 0.25]) for i in range(40)]  # 5 s of work for 2 processes
+    wait_for(lambda: sum(d.done() for d in backlog) >= 4, 30, what="the busy manager's tasks to run")
+    start = time.monotonic()
+    assert quiet.queue(nap, ["quiet", 0.0]) == "quiet"
+    waited = time.monotonic() - start
+    left = sum(not d.done() for d in backlog)
+    assert left >= 20, f"the backlog ran out too early to tell ({left} left)"
+    assert waited < 1.5, f"the quiet manager's task waited {waited:.2f}s behind the busy one's backlog"
+    assert [d(timeout=60) for d in backlog] == list(range(40))
