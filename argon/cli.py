@@ -3,7 +3,7 @@
 Usage:
   argon manager [options]
   argon worker [options] [--manager HOST:PORT] [--workers N] [--max-requests N]
-  argon local [options] [--nodes N] [--workers N]
+  argon local [options] [--nodes N] [--workers N] [--managers N]
   argon status HOST:PORT [options] [--json] [--watch SECONDS]
   argon keygen FILE
   argon -h | --help
@@ -13,8 +13,8 @@ Commands:
   manager               Route tasks from clients to registered workers.
   worker                Run tasks in a pool of processes, for a manager (--manager)
                         or for clients directly.
-  local                 Run a manager and --nodes workers on this machine (loopback,
-                        free ports) until interrupted.
+  local                 Run a manager (or --managers N) and --nodes workers on this
+                        machine (loopback, free ports) until interrupted.
   status HOST:PORT      Show a manager's (or worker's) workers, load and counters.
   keygen FILE           Write a new random key to FILE, readable only by its owner.
 
@@ -53,6 +53,8 @@ Options:
   --metrics-port PORT   Serve Prometheus metrics on this port at /metrics
                         (on --host; 0 picks one; default: off).
   --nodes N             local: worker nodes to start (default: 1).
+  --managers N          local: managers to start; every node serves them all
+                        (default: 1).
   --json                status: print JSON for scripts.
   --watch SECONDS       status: refresh every SECONDS until interrupted.
   --log-format FORMAT   text or json: one line per event (default: text).
@@ -114,6 +116,7 @@ _OPTIONS = (
     "--tls-ca",
     "--metrics-port",
     "--nodes",
+    "--managers",
     "--watch",
     "--log-format",
 )
@@ -422,6 +425,9 @@ def _local(args: dict[str, Any]) -> int:
     """``argon local``: a manager and workers on loopback until SIGINT or SIGTERM."""
     build_config({**args, "manager": True})  # check every value the way manager/worker would
     nodes = _number(args, "--nodes", int, 1) or 1
+    managers = _number(args, "--managers", int, 1) or 1
+    if managers > 1 and _number(args, "--metrics-port"):
+        raise UsageError("--managers N cannot share one --metrics-port: give 0 (each picks a free one)")
     workers = _workers(args)
     grace = _number(args, "--grace", float, 0)
     stop = gevent.event.Event()
@@ -442,16 +448,19 @@ def _local(args: dict[str, Any]) -> int:
         grace=grace,
         manager_options=manager_options,
         worker_options=worker_options,
+        managers=managers,
         **_local_options(args, _LOCAL_COMMON),
     )
     with cluster:
         processes = f" of {workers} processes" if workers else ""
+        who = "manager" if managers == 1 else f"{managers} managers"
         print(
-            f"argon local: manager listening on {cluster.address} with {nodes} worker node(s){processes};"
+            f"argon local: {who} listening on {cluster.address} with {nodes} worker node(s){processes};"
             " Ctrl-C to stop",
             flush=True,
         )
-        print(ready_line("local", cluster.address), flush=True)
+        for address in cluster.address.split(","):  # one ready line per manager, each HOST:PORT
+            print(ready_line("local", address), flush=True)
         stop.wait()
     print("argon local: stopped", flush=True)
     return 0

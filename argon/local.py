@@ -1,7 +1,8 @@
-"""A whole Argon network on this machine: one manager and its workers, on loopback.
+"""A whole Argon network on this machine: its manager (or managers) and workers, on loopback.
 
 :class:`LocalCluster` starts real ``argon manager`` and ``argon worker`` processes on free
-ports, waits until every worker has registered, and stops them all on exit. The
+ports (with several managers, every worker serves them all), waits until every worker
+has registered with every manager, and stops them all on exit. The
 processes get exactly the options the cluster passes them: none of the caller's
 ``ARGON_*`` settings (the rest of the environment passes through, so tasks import what
 the caller can). They are told to exit if the program that started them dies.
@@ -30,22 +31,31 @@ CLOSE_MARGIN = defaults.DRAIN_ACK_TIMEOUT + 3.0
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
+def _dialed(host: str, port: int) -> str:
+    """``host:port`` to dial a server listening on ``host`` (a wildcard: on loopback; IPv6 in brackets)."""
+    host = _WILDCARDS.get(host, host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class LocalCluster:
-    """Start a manager and ``nodes`` workers on this machine; use as a context manager.
+    """Start a manager (or ``managers``) and ``nodes`` workers on this machine; use as a context manager.
 
     Args:
-        nodes: Worker processes (nodes) to start.
+        nodes: Worker processes (nodes) to start; each serves every manager.
         workers: Pool processes per node, as ``--workers`` (default: one per CPU).
         key_file: A key file every process and :meth:`client` will use.
         queue_size: The manager's ``--queue-size``.
         max_requests: Each node's ``--max-requests``.
         host: The address every process listens on (``--host``; default 127.0.0.1).
-        port: The manager's port (``--port``; default 0, a free one).
+        port: The (first) manager's port (``--port``; default 0, a free one); other
+            managers take free ports.
         grace: Every process's ``--grace``; :meth:`close` waits at most this long (plus a
             few seconds) for running tasks before it kills what is left (default 30).
         manager_options: Command-line options for the manager only, such as
             ``metrics_port=9100``, ``worker_wait=5`` or ``tls_cert=..., tls_key=...``.
         worker_options: Command-line options for the worker nodes only (``tls_ca=...``).
+        managers: Managers to start (more than one: no single point of failure);
+            :attr:`address` lists them all.
         options: Command-line options for every process, such as ``heartbeat=0.5`` for
             ``--heartbeat 0.5``; ``True`` gives a flag (``insecure=True``, ``verbose=True``).
 
@@ -68,9 +78,17 @@ class LocalCluster:
         grace: float | None = None,
         manager_options: dict[str, Any] | None = None,
         worker_options: dict[str, Any] | None = None,
+        managers: int = 1,
         **options: Any,
     ) -> None:
+        if managers < 1:
+            raise ValueError(f"a local cluster needs at least one manager, not {managers}")
+        if managers > 1 and (manager_options or {}).get("metrics_port"):
+            raise ValueError("several managers cannot share one metrics port: give metrics_port=0 (free ports)")
         self.nodes = nodes
+        self.managers = managers
+        #: Every manager's ``(host, port)`` as it listens, once started.
+        self.manager_addresses: list[tuple[str, int]] = []
         self.workers = workers
         self.key_file = key_file
         self.grace = defaults.GRACE if grace is None else grace
@@ -93,26 +111,37 @@ class LocalCluster:
 
     @property
     def address(self) -> str:
-        """The manager's ``host:port`` (a wildcard listening address is dialed on loopback)."""
-        return f"{_WILDCARDS.get(self.host, self.host)}:{self.port}"
+        """The managers' ``host:port``, comma-separated if several: what a client takes.
+
+        A wildcard listening address is dialed on loopback.
+        """
+        return ",".join(_dialed(host, port) for host, port in self.manager_addresses or [(self.host, self.port)])
 
     def start(self) -> None:
-        """Start the manager, then all nodes at once, and wait until every node has registered."""
+        """Start the managers, then all nodes at once, and wait until every node has registered with each."""
+        self.manager_addresses = []
         try:
-            manager = self._launch("manager", {**self.manager_options, "port": self.port})
-            _, self.host, self.port = read_ready(manager.stdout, START_TIMEOUT, "'argon manager'")
+            launched = [
+                self._launch("manager", {**self.manager_options, "port": self.port if not i else 0})
+                for i in range(self.managers)
+            ]
+            for manager in launched:
+                _, host, port = read_ready(manager.stdout, START_TIMEOUT, "'argon manager'")
+                self.manager_addresses.append((host, port))
+            self.host, self.port = self.manager_addresses[0]
             nodes = [
                 self._launch("worker", {**self.worker_options, "manager": self.address, "port": 0})
                 for _ in range(self.nodes)
             ]
             for node in nodes:
                 read_ready(node.stdout, START_TIMEOUT, "'argon worker'")
-            with self.client() as client:
-                deadline = time.monotonic() + START_TIMEOUT
-                while len(client.status()["workers"]) < self.nodes:
-                    if time.monotonic() > deadline:
-                        raise ArgonError("workers did not register with the manager")
-                    gevent.sleep(0.02)
+            deadline = time.monotonic() + START_TIMEOUT
+            for address in self.address.split(","):
+                with self._client(address) as client:
+                    while len(client.status()["workers"]) < self.nodes:
+                        if time.monotonic() > deadline:
+                            raise ArgonError(f"workers did not register with the manager at {address}")
+                        gevent.sleep(0.02)
         except (ArgonError, RuntimeError, TimeoutError) as exc:
             self.close()
             raise ArgonError(f"the local network did not start: {exc}") from exc
@@ -139,14 +168,17 @@ class LocalCluster:
         return process
 
     def client(self, **options: Any) -> Client:
-        """A new :class:`~argon.client.Client` connected to this cluster's manager."""
+        """A new :class:`~argon.client.Client` connected to this cluster's managers (all of them)."""
+        return self._client(self.address, **options)
+
+    def _client(self, address: str, **options: Any) -> Client:
+        """A client of ``address`` (one or several managers), with this cluster's key and TLS."""
         if self.key_file and "key" not in options:
             options.setdefault("key_file", self.key_file)
         authority = self.worker_options.get("tls_ca") or self.manager_options.get("tls_cert")
         if authority:
             options.setdefault("tls", str(authority))
-        host, _, port = self.address.rpartition(":")
-        return Client(host, int(port), **options)
+        return Client(address, **options)
 
     def close(self) -> None:
         """Stop every process at once and wait until they are gone.

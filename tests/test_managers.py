@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from argon import Client
+from argon import Client, LocalCluster
 
 from conftest import ARGON, Network, child_env, wait_for
 
@@ -202,3 +206,55 @@ def test_a_busy_manager_cannot_starve_a_quiet_one(net):
     assert left >= 20, f"the backlog ran out too early to tell ({left} left)"
     assert waited < 1.5, f"the quiet manager's task waited {waited:.2f}s behind the busy one's backlog"
     assert [d(timeout=60) for d in backlog] == list(range(40))
+
+
+# -- LocalCluster and argon local with several managers --------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_local_cluster_with_two_managers_registers_every_node_with_both():
+    with LocalCluster(nodes=2, workers=1, managers=2) as cluster:
+        addresses = cluster.address.split(",")
+        assert len(addresses) == 2 and len(set(addresses)) == 2
+        for address in addresses:
+            with Client(address) as c:
+                assert len(c.status()["workers"]) == 2
+        with cluster.client() as client:
+            assert len(client.addresses) == 2
+            deferreds = [client.defer(nap, [i, 0.001]) for i in range(400)]
+            assert [d(timeout=60) for d in deferreds] == list(range(400))
+        routed = []
+        for address in addresses:
+            with Client(address) as c:
+                routed.append(c.status()["completed"])
+        assert sum(routed) >= 400 and min(routed) > 0, routed
+        family = {p.pid for p in cluster.processes}
+    wait_for(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                             for pid in family), timeout=30, what="the local network to exit")
+
+
+@pytest.mark.timeout(120)
+def test_argon_local_with_two_managers():
+    proc = subprocess.Popen([sys.executable, str(ARGON), "local", "--managers", "2", "--nodes", "1", "--workers", "1"],
+                            stdout=subprocess.PIPE, text=True, env=child_env(), start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        found = re.search(r"2 managers listening on (\S+) with 1 worker node", line)
+        assert found, line
+        both = found.group(1)
+        assert len(both.split(",")) == 2
+        done = subprocess.run([sys.executable, str(ARGON), "status", both, "--json"], capture_output=True,
+                              text=True, timeout=60, env=child_env())
+        network = json.loads(done.stdout)
+        assert [m["up"] for m in network["managers"]] == [True, True]
+        assert network["workers"] == 1 and network["capacity"] == 1
+        with Client(both) as client:
+            assert [client.queue(nap, [i, 0.0]) for i in range(10)] == list(range(10))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
