@@ -1,7 +1,7 @@
-"""Chaos run: many tasks through a manager and three workers while processes are SIGKILLed.
+"""Chaos run: many tasks through managers and three workers while processes are SIGKILLed.
 
 Usage:
-  python bench/chaos.py [--tasks N | --quick] [--task-ms MS] [--seed N] [--keep-logs] ...
+  python bench/chaos.py [--tasks N | --quick] [--managers N] [--task-ms MS] [--seed N] [--keep-logs] ...
 
 Not a unit test: a soak that checks the fault-tolerance promises end to end. A manager
 and three workers of two pool processes each (heartbeat 0.5 s) run on 127.0.0.1; one
@@ -16,12 +16,19 @@ process group (its tasks should be redelivered elsewhere, at most 3 sends per ta
 once every task is answered, after ``--max-faults`` faults, or after ``--max-seconds``
 (which also stops submitting).
 
+With ``--managers N`` (N > 1) there are N managers, every worker serves them all and the
+client is given all of them; a ``--manager-share`` of the faults then SIGKILLs a random
+live manager (never the last one) and restarts it on its port ``--restart-delay`` seconds
+later. The client must resend what that manager held: a task is **lost** if it neither
+returned its correct result nor failed with ``ProcessDied`` (the one error a pool-process
+kill legitimately causes), and no task may be lost.
+
 Each deferred is waited for with ``--wait`` seconds; one that neither returns nor raises
 by then is *hung*. The run prints, and writes to ``bench/results/chaos.json``: tasks
 submitted, completed with the correct result, failed with an Argon error (by type),
 wrong results, other exceptions, hung, duplicated executions (from the execution log),
-faults injected, elapsed time, throughput and the manager's final counters. It exits 1
-if any task hung or returned a wrong result, or if the manager died.
+faults injected, elapsed time, throughput and the managers' final counters. It exits 1
+if any task was lost, hung or returned a wrong result, or if a manager was down at the end.
 """
 
 from __future__ import annotations
@@ -82,14 +89,15 @@ def make_task(path: str, seconds: float) -> Callable[[int], int]:
 
 @dataclass
 class Chaos:
-    """Kills pool processes and workers at random, and restarts killed workers."""
+    """Kills pool processes, workers and managers at random, and restarts the killed servers."""
 
-    manager_port: int
+    managers: list[common.Proc]
     log_dir: Path
     rng: random.Random
     worker_share: float
     restart_delay: float
     procs: list[common.Proc]
+    manager_share: float = 0.0
     workers: list[common.Proc] = field(default_factory=list)
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     restarting: gevent.pool.Group = field(default_factory=gevent.pool.Group)
@@ -97,9 +105,10 @@ class Chaos:
     def start_worker(self) -> common.Proc:
         """Start a worker for the manager, wait until it listens, and track it."""
         self.counts["workers_started"] += 1
+        every = ",".join(m.address for m in self.managers)
         proc = common.argon_process(
             "worker",
-            ["--manager", f"{HOST}:{self.manager_port}", "--workers", str(POOL_SIZE), "--heartbeat", HEARTBEAT],
+            ["--manager", every, "--workers", str(POOL_SIZE), "--heartbeat", HEARTBEAT],
             self.log_dir,
             name=f"worker-{self.counts['workers_started']}",
         )
@@ -117,8 +126,31 @@ class Chaos:
             self.counts["restart_failures"] += 1
             print(f"chaos: restart failed: {exc}", file=sys.stderr)
 
+    def _restart_manager(self, index: int) -> None:
+        """Start the killed manager ``index`` again on its port (the workers and clients find it there)."""
+        gevent.sleep(self.restart_delay)
+        port = self.managers[index].port
+        try:
+            proc = common.argon_process(
+                "manager", ["--heartbeat", HEARTBEAT], self.log_dir, name=f"manager-{index}-again", port=port
+            )
+            self.procs.append(proc)
+            proc.wait_listening()
+            self.managers[index] = proc
+            self.counts["manager_restarts"] += 1
+        except (TimeoutError, RuntimeError, OSError) as exc:
+            self.counts["manager_restart_failures"] += 1
+            print(f"chaos: manager restart failed: {exc}", file=sys.stderr)
+
     def strike(self) -> None:
-        """Inject one fault: kill a pool process, or a whole worker (then restart one)."""
+        """Inject one fault: kill a pool process, a whole worker or a manager (then restart it)."""
+        live_managers = [i for i, m in enumerate(self.managers) if m.alive()]
+        if len(live_managers) > 1 and self.rng.random() < self.manager_share:
+            index = self.rng.choice(live_managers)
+            self.managers[index].kill()
+            self.counts["manager_kills"] += 1
+            self.restarting.spawn(self._restart_manager, index)
+            return
         live = [w for w in self.workers if w.alive()]
         if not live:
             self.counts["skipped_no_worker"] += 1
@@ -248,18 +280,27 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     chaos: Chaos | None = None
     record: dict[str, Any] = {}
     try:
-        manager = common.argon_process("manager", ["--heartbeat", HEARTBEAT], log_dir)
-        procs.append(manager)
-        manager.wait_listening()
-        chaos = Chaos(manager.port, log_dir, random.Random(opts.seed), opts.worker_share, opts.restart_delay, procs)
+        managers = [
+            common.argon_process("manager", ["--heartbeat", HEARTBEAT], log_dir, name=f"manager-{i}")
+            for i in range(opts.managers)
+        ]
+        procs.extend(managers)
+        for manager in managers:
+            manager.wait_listening()
+        chaos = Chaos(
+            managers, log_dir, random.Random(opts.seed), opts.worker_share, opts.restart_delay, procs,
+            manager_share=opts.manager_share if opts.managers > 1 else 0.0,
+        )
         for _ in range(3):
             chaos.start_worker()
-        client = Client(HOST, manager.port)
+        client = Client([m.address for m in managers])
         deadline = time.monotonic() + 60
-        while len(client.status()["workers"]) < 3:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the three workers did not register within 60s")
-            gevent.sleep(0.1)
+        for manager in managers:
+            with Client(manager.address) as one:
+                while len(one.status()["workers"]) < 3:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the three workers did not register with {manager.address} within 60s")
+                    gevent.sleep(0.1)
 
         tally = Tally()
         stop = gevent.event.Event()
@@ -274,16 +315,16 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         elapsed = time.monotonic() - started
         stop.set()
         chaos_greenlet.join(timeout=10)
+        chaos.restarting.join(timeout=30)  # let the last restarts happen: the end state is checked
         chaos.restarting.kill(timeout=10)
 
-        manager_alive = manager.alive()
-        status: dict[str, Any] = {}
-        if manager_alive:
-            try:
-                status = client.status()
-            except ArgonError as exc:
-                status = {"error": str(exc)}
+        manager_alive = all(m.alive() for m in chaos.managers)
+        live_workers = sum(w.alive() for w in chaos.workers)
+        settle = time.monotonic() + 20  # restarted managers: every live worker registers again
+        while (status := final_status(chaos.managers))["workers_at_end"] < live_workers and time.monotonic() < settle:
+            gevent.sleep(0.2)
         faults = dict(chaos.counts)
+        lost = tally.submitted - tally.correct - tally.errors.get("ProcessDied", 0)
         record = {
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items() if k != "quick"},
             "tasks": {
@@ -294,7 +335,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                 "wrong": len(tally.wrong),
                 "other_exceptions": dict(tally.other),
                 "hung": len(tally.hung),
+                "lost": lost,
                 "unanswered": tally.submitted - tally.answered(),
+                "client_duplicates": client.duplicates,
             },
             "examples": tally.examples,
             "wrong_ids": tally.wrong[:50],
@@ -306,7 +349,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             "manager_alive": manager_alive,
             "manager": {k: status.get(k) for k in ("completed", "failed", "redelivered", "rejected", "queued", "busy",
                                                    "error")},
-            "workers_at_end": len(status.get("workers", [])),
+            "workers_at_end": status.get("workers_at_end", 0),
+            "workers_alive_at_end": live_workers,
             "log_dir": str(log_dir),
         }
         return record
@@ -319,11 +363,38 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             client.close()
         for proc in procs:
             proc.kill()
-        bad = not record or record["tasks"]["hung"] or record["tasks"]["wrong"] or not record["manager_alive"]
+        bad = not record or failed(record)
         if opts.keep_logs or bad:
             print(f"logs kept in {log_dir}", file=sys.stderr)
         else:
             shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def final_status(managers: list[common.Proc]) -> dict[str, Any]:
+    """The live managers' counters, added up (a restarted manager counts only since its restart)."""
+    totals: dict[str, Any] = collections.Counter()
+    errors = []
+    workers = []
+    for manager in managers:
+        if not manager.alive():
+            errors.append(f"{manager.address}: down")
+            continue
+        try:
+            with Client(manager.address, retries=0) as one:
+                status = one.status()
+        except ArgonError as exc:
+            errors.append(f"{manager.address}: {exc}")
+            continue
+        for key in ("completed", "failed", "redelivered", "rejected", "queued", "busy"):
+            totals[key] += status.get(key) or 0
+        workers.append(len(status.get("workers", [])))
+    return {**totals, "error": "; ".join(errors) or None, "workers_at_end": min(workers, default=0)}
+
+
+def failed(record: dict[str, Any]) -> bool:
+    """Whether the run broke a promise: a task lost, hung or wrong, or a manager down at the end."""
+    tasks = record["tasks"]
+    return bool(tasks["hung"] or tasks["wrong"] or tasks["lost"] or not record["manager_alive"])
 
 
 def summary(record: dict[str, Any]) -> str:
@@ -338,6 +409,8 @@ def summary(record: dict[str, Any]) -> str:
         ("other exceptions", sum(t["other_exceptions"].values())),
         *((f"  {name}", n) for name, n in sorted(t["other_exceptions"].items())),
         ("hung (must be 0)", t["hung"]),
+        ("lost (must be 0)", t["lost"]),
+        ("late duplicate results dropped by the client", t["client_duplicates"]),
         ("executions recorded", d["executions"]),
         ("tasks executed more than once", d["duplicated_tasks"]),
         ("extra executions", d["extra_executions"]),
@@ -350,14 +423,19 @@ def summary(record: dict[str, Any]) -> str:
         ("worker kills", f.get("worker_kills", 0)),
         ("worker restarts", f.get("restarts", 0)),
         ("restart failures", f.get("restart_failures", 0)),
+        ("manager kills", f.get("manager_kills", 0)),
+        ("manager restarts", f.get("manager_restarts", 0)),
+        ("manager restart failures", f.get("manager_restart_failures", 0)),
         ("elapsed (s)", record["elapsed_s"]),
         ("tasks/s", record["tasks_per_s"]),
-        ("manager alive at end", record["manager_alive"]),
-        ("workers registered at end", record["workers_at_end"]),
-        ("manager completed", m["completed"]),
-        ("manager failed", m["failed"]),
-        ("manager redelivered", m["redelivered"]),
-        ("manager rejected", m["rejected"]),
+        ("managers", record["config"]["managers"]),
+        ("every manager alive at end", record["manager_alive"]),
+        ("workers alive at end", record["workers_alive_at_end"]),
+        ("workers registered at end (fewest on one manager)", record["workers_at_end"]),
+        ("managers completed (since their last start)", m["completed"]),
+        ("managers failed", m["failed"]),
+        ("managers redelivered", m["redelivered"]),
+        ("managers rejected", m["rejected"]),
     ]
     width = max(len(label) for label, _ in rows)
     lines = [f"{label:<{width}}  {value}" for label, value in rows]
@@ -376,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between faults (default 1)")
     parser.add_argument("--worker-share", type=float, default=0.3, help="share of faults that kill a worker")
     parser.add_argument("--restart-delay", type=float, default=1.0, help="seconds before restarting a worker")
+    parser.add_argument("--managers", type=int, default=1, help="managers; every worker serves them all (default 1)")
+    parser.add_argument("--manager-share", type=float, default=0.2,
+                        help="with several managers, share of faults that kill a manager (default 0.2)")
     parser.add_argument("--max-faults", type=int, default=1000, help="faults at most (default 1000)")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="hard cap on the chaos and submission")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
@@ -393,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     opts.output.parent.mkdir(parents=True, exist_ok=True)
     opts.output.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {opts.output}")
-    failed = record["tasks"]["hung"] or record["tasks"]["wrong"] or not record["manager_alive"]
-    return 1 if failed else 0
+    return 1 if failed(record) else 0
 
 
 if __name__ == "__main__":

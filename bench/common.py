@@ -69,9 +69,9 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def argon_process(role: str, args: Sequence[str], log_dir: Path, name: str | None = None) -> Proc:
-    """Start ``bin/argon ROLE ARGS`` on 127.0.0.1 (port 0, verbose); call ``wait_listening``."""
-    cmd = [sys.executable, str(ARGON), role, "--host", HOST, "--port", "0", "--verbose", *args]
+def argon_process(role: str, args: Sequence[str], log_dir: Path, name: str | None = None, port: int = 0) -> Proc:
+    """Start ``bin/argon ROLE ARGS`` on 127.0.0.1 (``port``: 0 picks one; verbose); call ``wait_listening``."""
+    cmd = [sys.executable, str(ARGON), role, "--host", HOST, "--port", str(port), "--verbose", *args]
     return Proc(name or role, cmd, log_dir, child_env())
 
 

@@ -35,7 +35,7 @@ import gevent.subprocess
 import netns
 import pytest
 
-from argon import AuthenticationError, Client, defaults
+from argon import ArgonError, AuthenticationError, Client, defaults
 
 from conftest import ARGON, child_env, wait_for
 
@@ -359,3 +359,88 @@ def test_teardown_removes_every_namespace_and_process(lan):
     listed = netns.ip("netns", "list")
     assert not any(name in listed for name in names)
     assert netns.ip("-4", "-o", "addr", "show", "to", str(bed.subnet)) == ""
+
+
+# -- several managers on several hosts -----------------------------------------------------------
+
+MANAGER_HOSTS = ("manager1", "manager2", "manager3")
+
+
+@pytest.fixture
+def three_managers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[netns.Testbed, Path]]:
+    """Three manager hosts and two worker hosts on a bridge, and a key file; all removed afterwards."""
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    key = tmp_path / "argon.key"
+    made = gevent.subprocess.run([str(ARGON), "keygen", str(key)], env=child_env(), capture_output=True,
+                                 timeout=30, check=False)
+    assert made.returncode == 0, made.stderr.decode()
+    bed = netns.Testbed(tmp_path, child_env(), hosts=(*MANAGER_HOSTS, "worker1", "worker2"))
+    try:
+        yield bed, key
+    finally:
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(bed.logs())
+        bed.close()
+        assert bed.leftovers() == [], "namespaces or links survived the teardown"
+
+
+@pytest.mark.timeout(180)
+def test_three_managers_a_partition_cuts_one_off_the_rest_carry_on_and_it_rejoins(three_managers):
+    bed, key = three_managers
+    common = ("--port", "0", "--heartbeat", str(HEARTBEAT), "--key", str(key))
+    managers = [bed.argon(host, "manager", "--host", bed.hosts[host].ip, *common) for host in MANAGER_HOSTS]
+    every = ",".join(m.address for m in managers)
+    for host in ("worker1", "worker2"):
+        bed.argon(host, "worker", "--host", bed.hosts[host].ip, "--manager", every, "--workers", "2", *common)
+    alone = [Client(m.ip, m.port, key_file=str(key)) for m in managers]  # each manager's own view
+    client = Client(every, key_file=str(key), reconnect_deadline=60)
+    workers = {bed.hosts["worker1"].ip, bed.hosts["worker2"].ip}
+    try:
+        for one in alone:
+            wait_workers(one, workers)
+        deferreds = [client.defer(slow_square, [i, 0.1]) for i in range(120)]
+        wait_for(lambda: alone[2].status()["busy"] > 0, 30, 0.02, "manager3 to have tasks running")
+
+        bed.cut("manager3")  # manager3's host is cut off from the clients and the workers
+        cut_at = time.monotonic()
+        # The client resends what manager3 held through the other two: every task completes.
+        assert [d(timeout=90) for d in deferreds] == [i * i for i in range(120)]
+        print(f"120 tasks done {time.monotonic() - cut_at:.2f}s after the cut")
+        assert not client._links[2].up
+        # On this side of the partition both workers serve managers 1 and 2 as before.
+        for one in alone[:2]:
+            assert worker_hosts(one) == workers
+        before = [one.status()["completed"] for one in alone[:2]]
+        deferreds = [client.defer(slow_square, [i, 0.01]) for i in range(100)]
+        assert [d(timeout=60) for d in deferreds] == [i * i for i in range(100)]
+        after = [one.status()["completed"] for one in alone[:2]]
+        assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+        bed.mend("manager3")
+        mended_at = time.monotonic()
+        # It rejoins: both workers register with it again and the client sends it tasks again.
+        wait_for(lambda: _quietly(lambda: worker_hosts(alone[2])) == workers, REJOIN_BOUND + 10, 0.05,
+                 "the workers to register with manager3 again")
+        rejoined = time.monotonic() - mended_at
+        print(f"workers registered with manager3 {rejoined:.2f}s after the partition healed")
+        assert rejoined <= REJOIN_BOUND
+        wait_for(lambda: client._links[2].up, 30, 0.05, "the client to reconnect to manager3")
+        start = alone[2].status()["completed"]
+        deferreds = [client.defer(slow_square, [i, 0.01]) for i in range(200)]
+        assert [d(timeout=60) for d in deferreds] == [i * i for i in range(200)]
+        assert alone[2].status()["completed"] > start, "manager3 should take its share again"
+    finally:
+        client.close()
+        for one in alone:
+            one.close()
+
+
+def _quietly(ask: Any) -> Any:
+    """``ask()``, or None while the manager cannot answer (its link is still down or reconnecting)."""
+    try:
+        return ask()
+    except ArgonError:
+        return None
