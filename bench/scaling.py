@@ -1,4 +1,4 @@
-"""Scenario 3: adding workers adds capacity; 1,000 registered workers do not slow routing."""
+"""Scenario 3: adding workers adds capacity; 1,000 registered workers do not slow routing; several managers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from bench import common
 from bench.tasks import sleep
 from bench.throughput import argon_batch
 
-TITLE = "Scaling: more workers, and 1,000 registered workers"
+TITLE = "Scaling: more workers, 1,000 registered workers, and several managers"
 ABOUT = """\
 **Workers.** One manager; k = 1, 2, 4, 8 workers of 4 pool processes each (up to 32
 processes on this 2-core machine). One client defers `sleep(0.02)` tasks, 100 per pool
@@ -43,7 +43,19 @@ measured in the same run, with trivial tasks (`noop`) deferred by one client:
 
 The stand-ins are greenlets in one helper process (`bench/standins.py`); each holds a real
 authenticated-protocol connection (`argon.connection.connect(role="worker")`, `Register`,
-`Result`), so the manager cannot tell them from workers."""
+`Result`), so the manager cannot tell them from workers.
+
+**Several managers.** Routing-bound load through 1, 2 and 3 managers, all set up at once
+and taking turns: each manager has 20 stand-in workers with 50 free slots each, which
+answer every task at once, and one client given all of that setup's managers defers
+trivial tasks (`noop`) and waits for them. For each setup this reports each manager's CPU
+time per task it routed (from its process CPU time and its `completed` counter), and the
+client's CPU time per task (this benchmark's process, where the client runs): what
+spreading over several managers costs the client. From the measured per-task cost it
+reports the capacity N managers would have, each on a core of its own (N / manager CPU
+per task). **This machine has 2 cores**, shared by the client, every manager and the
+stand-ins, so the aggregate rate here cannot show scale-out: the per-task costs are what
+carries over to N hosts."""
 
 PROCESSES = 4
 PER_PROCESS = 100
@@ -168,6 +180,71 @@ def routing(count: int, repeats: int) -> dict[str, dict[str, Any]]:
     return out
 
 
+MANAGER_COUNTS = (1, 2, 3)
+STANDINS_PER_MANAGER = 20
+SLOTS_PER_STANDIN = 50
+
+
+def _spread_batch(managers: list[common.Proc], client: common.Client, probes: list[common.Client],
+                  count: int) -> dict[str, Any]:
+    """One timed batch through several managers: rate, each manager's CPU per routed task, the client's."""
+    routed0 = [probe.status()["completed"] for probe in probes]
+    cpu0 = [_cpu(m.pid) for m in managers]
+    own0, t0 = time.process_time(), time.perf_counter()
+    rate = count / argon_batch(client, count, check=False)
+    own = time.process_time() - own0
+    wall = time.perf_counter() - t0
+    cpu = [_cpu(m.pid) - c for m, c in zip(managers, cpu0, strict=True)]
+    routed = [probe.status()["completed"] - r for probe, r in zip(probes, routed0, strict=True)]
+    return {
+        "rate": rate,
+        "routed": routed,
+        "manager_us": [c / max(n, 1) * 1e6 for c, n in zip(cpu, routed, strict=True)],
+        "manager_us_all": sum(cpu) / count * 1e6,
+        "manager_cpu": [c / wall for c in cpu],
+        "client_us": own / count * 1e6,
+    }
+
+
+def several_managers(count: int, repeats: int) -> dict[int, dict[str, Any]]:
+    """Routing-bound load through 1, 2 and 3 managers (see ABOUT); all set up first, then taking turns."""
+    stacks = [common.Stack() for _ in MANAGER_COUNTS]
+    try:
+        setups = {}
+        for n, stack in zip(MANAGER_COUNTS, stacks, strict=True):
+            managers = [stack.manager() for _ in range(n)]
+            for manager in managers:
+                _standins(stack, manager, STANDINS_PER_MANAGER, SLOTS_PER_STANDIN, SLOTS_PER_STANDIN)
+            probes = [stack.client(m) for m in managers]
+            for probe in probes:
+                stack.wait_workers(probe, STANDINS_PER_MANAGER)
+            client = common.Client([m.address for m in managers])
+            stack.closers.append(client.close)
+            argon_batch(client, 1000, check=False)  # warm-up
+            setups[n] = (managers, client, probes)
+        runs = common.interleave(repeats, {
+            str(n): functools.partial(_spread_batch, m, c, p, count) for n, (m, c, p) in setups.items()
+        })
+    finally:
+        for stack in stacks:
+            stack.close()
+    out = {}
+    for n in MANAGER_COUNTS:
+        batches = runs[str(n)]
+        per_manager = [common.median([b["manager_us"][i] for b in batches]) for i in range(n)]
+        manager_us = common.median([b["manager_us_all"] for b in batches])
+        out[n] = {
+            "rate": common.median([b["rate"] for b in batches]),
+            "rates": [b["rate"] for b in batches],
+            "manager_us_per_task": manager_us,
+            "each_manager_us_per_task": per_manager,
+            "routed_share": [common.median([b["routed"][i] / count for b in batches]) for i in range(n)],
+            "client_us_per_task": common.median([b["client_us"] for b in batches]),
+            "capacity": n / (manager_us / 1e6),  # N managers, each with a core of its own
+        }
+    return out
+
+
 def run(quick: bool) -> dict[str, Any]:
     """Run the scenario and return its record."""
     record = common.new_record("scaling", TITLE, ABOUT, quick)
@@ -207,7 +284,29 @@ def run(quick: bool) -> dict[str, Any]:
     record["targets"].append(common.target(
         "throughput routing among 999 workers / among 1 (same capacity)",
         route[f"{STANDINS} stand-ins x 1 free"]["rate"] / base_route, 0.8, at_least=True, unit="x"))
-    record["data"] = {"scaling": steps, "routing": route}
+    spread = several_managers(5000 if quick else 30000, 1 if quick else 3)
+    one_manager = spread[1]
+    record["tables"].append({
+        "caption": "Trivial tasks through 1, 2 and 3 managers (20 instant stand-ins each), one client given them"
+                   " all; CPU per task from each process's CPU time; capacity = N managers on N cores",
+        "columns": ["managers", "tasks/s here (2 cores)", "manager CPU us/task", "vs 1 manager",
+                    "each manager us/task", "tasks routed by each", "client CPU us/task", "vs 1 manager",
+                    "capacity of N managers (tasks/s)"],
+        "rows": [[n, common.fmt(r["rate"]), common.fmt(r["manager_us_per_task"], 1),
+                  common.fmt_ratio(r["manager_us_per_task"] / one_manager["manager_us_per_task"]),
+                  " / ".join(common.fmt(u, 1) for u in r["each_manager_us_per_task"]),
+                  " / ".join(f"{share:.0%}" for share in r["routed_share"]),
+                  common.fmt(r["client_us_per_task"], 1),
+                  common.fmt_ratio(r["client_us_per_task"] / one_manager["client_us_per_task"]),
+                  common.fmt(r["capacity"])] for n, r in spread.items()],
+    })
+    record["targets"].append(common.target(
+        "manager CPU per routed task, 3 managers / 1", spread[3]["manager_us_per_task"]
+        / one_manager["manager_us_per_task"], 1.1, at_least=False, unit="x"))
+    record["targets"].append(common.target(
+        "client CPU per task, 3 managers / 1", spread[3]["client_us_per_task"]
+        / one_manager["client_us_per_task"], 1.1, at_least=False, unit="x"))
+    record["data"] = {"scaling": steps, "routing": route, "managers": spread}
     record["plot"] = plot(steps, route)
     return common.finish(record)
 
