@@ -94,12 +94,15 @@ class Connection:
         self._small_size = 0
         self._batch_count = 1  # most messages per frame: 1 until the peer's hello allows more
         self._batch_bytes = defaults.BATCH_BYTES
+        self._limit = 0  # the peer's frame limit (0: not announced)
         self.sent_frames = 0
         self.sent_messages = 0
         self._loop = gevent.get_hub().loop
         # A plain socket is written straight from a hub callback; TLS goes through the writer.
         self._raw = None if isinstance(sock, gevent.ssl.SSLSocket) else getattr(sock, "_sock", None)
         self._scheduled = False
+        self._lingering: Any = None  # a timer that flushes what lingers (see send)
+        self._linger = 0.0
         self._writing = False
         self._wake = gevent.event.Event()
         self._idle = gevent.event.Event()
@@ -132,6 +135,7 @@ class Connection:
     @hello.setter
     def hello(self, hello: Hello | None) -> None:
         self._hello = hello
+        self._limit = hello.max_frame if hello is not None else 0
         if hello is not None:
             # Batch no more messages than the peer takes, in frames it accepts.
             self._batch_count = max(1, min(hello.batch, defaults.BATCH_MESSAGES))
@@ -149,7 +153,7 @@ class Connection:
         """
         parts = encode_parts(msg)
         size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
-        limit = self.hello.max_frame if self.hello is not None else 0
+        limit = self._limit
         if limit and size + self._mac_size > limit:
             raise MessageTooLarge(
                 f"a {type(msg).__name__} of {size + self._mac_size} bytes exceeds the {limit} byte"
@@ -163,11 +167,17 @@ class Connection:
         mac = self._signer.sign(*parts) if self._signer else b""
         return frame_parts(parts, mac, size)
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: Message, linger: float = 0.0) -> None:
         """Queue a message; it goes out with everything else queued in this loop iteration.
 
         Small messages that queue up together travel in one :class:`~argon.protocol.Batch`
         frame when the peer accepts batches; large ones get a frame of their own.
+
+        Args:
+            msg: The message.
+            linger: Seconds it may wait for company, so that messages nobody waits for
+                urgently share frames and system calls (anything sent without a linger
+                takes it along at once).
 
         Raises:
             ConnectionLost: The connection is closed.
@@ -192,9 +202,16 @@ class Connection:
             if self._reading is not None:
                 self._reading.stop()
         if not self._scheduled:
-            self._scheduled = True
             self._idle.clear()
-            self._loop.run_callback(self._flush)
+            if not linger:
+                self._scheduled = True
+                self._loop.run_callback(self._flush)
+            elif self._lingering is None or not self._lingering.active:
+                if self._lingering is None or self._linger != linger:
+                    if self._lingering is not None:
+                        self._lingering.close()
+                    self._lingering, self._linger = self._loop.timer(linger), linger
+                self._lingering.start(self._flush_lingering)
 
     def _seal(self) -> None:
         """Frame the small messages queued so far: one frame, or one batch frame for several."""
@@ -239,6 +256,12 @@ class Connection:
         self._writing = True
         self._wake.set()
 
+    def _flush_lingering(self) -> None:
+        """Timer callback: what waited for company goes now (unless a flush is on its way)."""
+        if not self._scheduled:
+            self._scheduled = True
+            self._flush()
+
     def _sent(self, count: int) -> None:
         """Account for ``count`` bytes handed to the socket; resume reading once drained."""
         self._queued -= count
@@ -247,12 +270,12 @@ class Connection:
             if self._reading is not None and not self.closed:
                 self._reading.start(self._on_readable)
 
-    def reply(self, msg: Result | Failure) -> None:
+    def reply(self, msg: Result | Failure, linger: float = 0.0) -> None:
         """Send a task's reply; one too large for the peer goes as a failure saying so."""
         try:
-            self.send(msg)
+            self.send(msg, linger)
         except MessageTooLarge as exc:
-            self.send(Failure(msg.id, MessageTooLarge.__name__, str(exc)))
+            self.send(Failure(msg.id, MessageTooLarge.__name__, str(exc)), linger)
 
     def send_now(self, msg: Message) -> None:
         """Send one message from the calling greenlet (before :meth:`serve`, nothing queued)."""
@@ -481,6 +504,8 @@ class Connection:
         if self._reading is not None:
             self._reading.close()
         self._ended.set()
+        if self._lingering is not None:
+            self._lingering.close()
         if self._keepalive is not None:
             self._keepalive.close()
         if self._writer is not None and self._writer is not gevent.getcurrent():

@@ -145,8 +145,13 @@ BATCH_BYTES = 256 * 1024
 """Largest batch frame a connection builds; bigger messages travel in frames of their own."""
 
 PREFETCH_HORIZON = 0.002
-"""Seconds of work a worker keeps waiting per process, beyond one running task, so its
-processes do not idle for a manager round trip between short tasks (0: no prefetch)."""
+"""Least seconds of work a worker keeps waiting per process, beyond the running task, so its
+processes do not idle for a round trip to the manager between short tasks (0: no prefetch).
+It keeps twice the round trip it measures, when that is longer."""
+
+PREFETCH_MAX_HORIZON = 0.02
+"""Most seconds of work a worker keeps waiting per process, however slow its round trips:
+tasks of this length or longer are not prefetched."""
 
 MAX_PREFETCH = 64
 """Most tasks a worker holds beyond its processes, however short its tasks are."""
@@ -154,3 +159,7 @@ MAX_PREFETCH = 64
 STALL_AFTER = 0.02
 """Seconds after which a worker whose processes are all still on their tasks, each running
 far longer than its usual task, hands back the tasks it holds unstarted."""
+
+LINGER = 0.0005
+"""Seconds a worker's result may wait for others to share a frame with, while the worker has
+tasks waiting for its processes (its manager needs no result urgently to keep it busy)."""

@@ -29,6 +29,7 @@ class Routable(Protocol):
     window: int  # the worker's credit: most tasks it holds
     processes: int  # how many of them start at once
     routable: bool  # False while it registers, drains or after it is gone
+    reclaiming: int  # tasks the manager has asked back from it and not heard about yet
     idle: int  # its bucket in Routes (maintained by Routes)
     spare: int  # its bucket in Routes (maintained by Routes)
     waiting: int  # tasks it holds beyond its processes (maintained by Routes)
@@ -43,7 +44,8 @@ class Routes(Generic[L]):
     Attributes:
         idle: Idle processes in all (processes credited and not holding a task).
         waiting: Tasks held by workers beyond their processes, in all (their prefetch).
-        prefetching: Workers holding more tasks than they have processes (oldest first).
+        prefetching: Workers holding more tasks than they have processes that have not been
+            asked for them back yet (oldest first).
     """
 
     def __init__(self) -> None:
@@ -101,10 +103,11 @@ class Routes(Generic[L]):
         if waiting != link.waiting:
             self.waiting += waiting - link.waiting
             link.waiting = waiting
-            if waiting:
+        if waiting and not link.reclaiming:
+            if link not in self.prefetching:
                 self.prefetching[link] = None
-            else:
-                del self.prefetching[link]
+        elif self.prefetching:
+            self.prefetching.pop(link, None)
 
     @staticmethod
     def _move(buckets: list[dict[L, None]], link: L, old: int, new: int) -> None:
@@ -119,48 +122,71 @@ class Routes(Generic[L]):
 class Prefetch:
     """How many tasks a worker holds beyond its processes, from how long its tasks take.
 
-    The typical run time is the median of the last few tasks: a burst of short tasks after
-    a long one (or one long task among short ones) changes it at once, and one outlier
-    does not change it at all.
+    It keeps enough work waiting per process to cover twice a round trip to the manager
+    (the time from a result leaving to the next task arriving; at least ``horizon``, at
+    most ``max_horizon``), so no process idles between short tasks, and none for tasks
+    longer than that. Run times and round trips are medians of the last few samples: a
+    change of workload shows at once, and one outlier changes nothing.
 
     Args:
-        horizon: Seconds of work to keep waiting per process (``defaults.PREFETCH_HORIZON``).
+        horizon: Least seconds of work to keep waiting per process (0: never prefetch).
+        max_horizon: Most seconds of work to keep waiting per process.
         limit: Most tasks to hold beyond the processes.
         stall_after: Seconds after which processes that are all still on their tasks
             count as stuck (at least; more for workers whose tasks are slower).
     """
 
-    #: How many recent run times the median is taken over.
+    #: How many recent samples the medians are taken over.
     SAMPLES = 15
 
     def __init__(
         self,
         horizon: float = defaults.PREFETCH_HORIZON,
+        max_horizon: float = defaults.PREFETCH_MAX_HORIZON,
         limit: int = defaults.MAX_PREFETCH,
         stall_after: float = defaults.STALL_AFTER,
     ) -> None:
-        self.horizon = horizon
+        self.min_horizon = horizon
+        self.max_horizon = max(horizon, max_horizon)
         self.limit = limit
         self.stall_after = stall_after
-        self._recent: deque[float] = deque(maxlen=self.SAMPLES)
-        self._typical: float | None = None  # cached median of _recent
+        self._runs: deque[float] = deque(maxlen=self.SAMPLES)
+        self._trips: deque[float] = deque(maxlen=self.SAMPLES)
+        self._typical: float | None = None  # cached median of _runs
+        self._unsorted = 0  # samples since _typical was last computed
+        self._horizon: float | None = None  # cached, from _trips
 
     def __repr__(self) -> str:
         typical = self.typical
         service = "?" if typical is None else f"{typical * 1e3:.3f}ms"
-        return f"<Prefetch typical={service} horizon={self.horizon}s limit={self.limit}>"
+        return f"<Prefetch typical={service} horizon={self.horizon * 1e3:.1f}ms limit={self.limit}>"
 
     def observe(self, seconds: float) -> None:
         """Note how long one task ran."""
-        self._recent.append(seconds)
-        self._typical = None
+        self._runs.append(seconds)
+        self._unsorted += 1
+        if self._unsorted >= 4 or self._typical is None:  # a median per task would cost more than it tells
+            self._typical, self._unsorted = None, 0
+
+    def observe_round_trip(self, seconds: float) -> None:
+        """Note how long the manager took to send a task after a result freed a credit."""
+        self._trips.append(seconds)
+        self._horizon = None
 
     @property
     def typical(self) -> float | None:
         """The median run time of the last few tasks (None before the first)."""
-        if self._typical is None and self._recent:
-            self._typical = sorted(self._recent)[len(self._recent) // 2]
+        if self._typical is None and self._runs:
+            self._typical = sorted(self._runs)[len(self._runs) // 2]
         return self._typical
+
+    @property
+    def horizon(self) -> float:
+        """Seconds of work to keep waiting per process."""
+        if self._horizon is None:
+            trip = sorted(self._trips)[len(self._trips) // 2] if self._trips else 0.0
+            self._horizon = min(self.max_horizon, max(self.min_horizon, 2 * trip)) if self.min_horizon else 0.0
+        return self._horizon
 
     def depth(self, processes: int) -> int:
         """Tasks to hold beyond ``processes``: a power of two (or 0), so it changes seldom.
@@ -168,9 +194,10 @@ class Prefetch:
         None until a task has finished: a new worker holds only what it can start.
         """
         typical = self.typical
-        if typical is None or processes <= 0 or not self.horizon:
+        horizon = self.horizon
+        if typical is None or processes <= 0 or not horizon:
             return 0
-        wanted = min(self.limit, int(processes * self.horizon / max(typical, 1e-6)))
+        wanted = min(self.limit, int(processes * horizon / max(typical, 1e-6)))
         return 1 << (wanted.bit_length() - 1) if wanted else 0
 
     def stalled(self, youngest: float) -> bool:

@@ -445,18 +445,17 @@ class Manager(Server):
     def _reclaim(self) -> None:
         """Ask workers holding unstarted tasks for as many as there are idle processes elsewhere."""
         idle = self._routes.idle - self._reclaiming
-        for link in list(self._routes.prefetching):
+        for link in list(self._routes.prefetching):  # only those not asked already
             if idle <= 0:
                 return
-            if link.reclaiming:
-                continue
-            count = min(len(link.inflight) - link.processes, idle)
+            count = min(link.waiting, idle)
             try:
                 link.conn.send(Reclaim(count))
             except ConnectionLost:
                 continue  # its connection is closing: dropping it returns its tasks anyway
             link.reclaiming = count
             self._reclaiming += count
+            self._routes.update(link)
             idle -= count
 
     def _handback(self, link: WorkerLink, msg: Handback) -> None:
@@ -466,7 +465,7 @@ class Manager(Server):
             ProtocolError: It hands back a task it does not hold (or one twice).
         """
         self._reclaiming -= link.reclaiming  # this answers the last Reclaim, if one was sent
-        link.reclaiming = 0
+        link.reclaiming = 0  # (the update below lists it again if it still holds waiting tasks)
         held = link.inflight
         if any(i not in held for i in msg.ids) or len(set(msg.ids)) != len(msg.ids):
             raise ProtocolError(f"worker {link.id} hands back tasks it does not hold: {msg.ids!r:.60}")

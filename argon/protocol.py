@@ -391,8 +391,16 @@ def encode_parts(msg: Message) -> list[bytes]:
     """
     fields = [_KIND[type(msg)], *msg]
     payloads = _PAYLOADS.get(type(msg))
-    if payloads is None or all(len(fields[i] or b"") < BIG for i in payloads):
-        return [_packb(fields)]
+    if payloads is not None:
+        for index in payloads:  # a plain loop: this runs for every task and result
+            value = fields[index]
+            if value is not None and len(value) >= BIG:
+                return _split(fields)
+    return [_packb(fields)]
+
+
+def _split(fields: list[Any]) -> list[bytes]:
+    """The buffers of a message with a large payload: each large ``bytes`` one of its own."""
     parts: list[bytes] = []
     small = bytearray(bytes([0x90 | len(fields)]))  # every message has fewer than 16 fields
     for value in fields:

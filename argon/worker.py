@@ -32,6 +32,7 @@ import socket
 import ssl
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 import gevent
@@ -94,6 +95,7 @@ class ManagerLink:
             task's reply goes only to the connection it came on.
         window: The credit granted on this connection: most tasks held at once.
         processes: How many of them start at once.
+        freed: When recent results freed credits on this connection (to time round trips).
         released: Set once the manager will route nothing more on this connection (it
             answered our goodbye, or the connection closed).
     """
@@ -105,6 +107,7 @@ class ManagerLink:
         self.session = 0
         self.window = 0
         self.processes = 0
+        self.freed: deque[float] = deque(maxlen=defaults.MAX_PREFETCH)
         self.released = gevent.event.Event()
 
     def __repr__(self) -> str:
@@ -270,6 +273,7 @@ class Worker(Server):
         conn.send_now(Register(self.id, self.address[0], self.address[1], self.pool.size, free, os.getpid()))
         link.conn, link.window, link.processes = conn, free, free
         link.released = gevent.event.Event()
+        link.freed.clear()
         link.move(LinkState.SERVING)
         log.info("registered with manager %s (%d of %d processes free)", conn.peer, free, self.pool.size)
         self._offer_now()
@@ -300,6 +304,7 @@ class Worker(Server):
                 self._hand_back(link, [msg.id], "draining")
                 return
             arrived = self.clock()
+            self._timed_round_trip(link, arrived)
             self.pool.submit(Job(msg, lambda reply: self._managed_done(link, session, reply, arrived), session))
             if len(self.links) > 1:
                 self._offer()  # the process it took is no longer the other managers' to fill
@@ -322,6 +327,19 @@ class Worker(Server):
         else:
             log.warning("ignoring unexpected %s from manager %s", type(msg).__name__, conn.peer)
 
+    def _timed_round_trip(self, link: ManagerLink, now: float) -> None:
+        """A task arrived: time it from the result that freed its credit, if that is recent.
+
+        An older one freed a credit the manager had no task for; waiting for clients is
+        not a round trip.
+        """
+        freed = link.freed
+        horizon = self.prefetch.max_horizon
+        while freed and now - freed[0] > horizon:
+            freed.popleft()
+        if freed:
+            self.prefetch.observe_round_trip(now - freed.popleft())
+
     def _hand_back(self, link: ManagerLink, ids: list[int], reason: str) -> None:
         """Tell the manager these tasks will not run here (they are out of the pool already)."""
         self.handed_back += len(ids)
@@ -338,7 +356,10 @@ class Worker(Server):
         self._stalled = False  # a process is free again
         if session == link.session and link.open:
             assert link.conn is not None
-            link.conn.reply(reply)
+            # While tasks wait here, the manager needs no result to keep this worker busy:
+            # let results go out together.
+            link.conn.reply(reply, defaults.LINGER if self.pool.queued else 0.0)
+            link.freed.append(self.clock())
         else:
             self.discarded += 1
             log.warning(

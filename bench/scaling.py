@@ -36,7 +36,11 @@ measured in the same run, with trivial tasks (`noop`) deferred by one client:
    they have gone; the baseline is the median of both "alone" phases.
 2. *Routing among 1,000:* the same total capacity (999 slots) offered by one stand-in
    with 999 free slots, and by 999 stand-ins with one free slot each (two managers, both
-   up at once, taking turns). Stand-ins answer
+   up at once, taking turns). Like real workers whose tasks take no time, these
+   stand-ins grant a credit of 64 tasks beyond their free slots (their prefetch, see
+   "Routing and flow" in the concepts), so a worker may be sent several tasks at once; a
+   third row shows the same 999 stand-ins granting no prefetch, as a worker of Argon
+   0.1 did (one task per worker per round trip). Stand-ins answer
    every task at once with `None`, so the tasks do no work and the manager has to pick
    among 999 workers for every task instead of one. Besides throughput, this reports the
    manager's CPU time per task.
@@ -61,6 +65,8 @@ PROCESSES = 4
 PER_PROCESS = 100
 SLEEP = 0.02
 STANDINS = 999
+#: What a worker whose tasks take no time prefetches (``argon.defaults.MAX_PREFETCH``).
+PREFETCH = 64
 
 
 def scale(ks: list[int], per_process: int) -> list[dict[str, Any]]:
@@ -93,9 +99,10 @@ def _sleep_batch(client: common.Client, count: int) -> float:
     return time.perf_counter() - t0
 
 
-def _standins(stack: common.Stack, manager: common.Proc, count: int, capacity: int, free: int) -> common.Proc:
+def _standins(stack: common.Stack, manager: common.Proc, count: int, capacity: int, free: int,
+              prefetch: int = 0) -> common.Proc:
     proc = stack.spawn("standins", [sys.executable, "-m", "bench.standins", manager.address, str(count),
-                                    str(capacity), str(free)])
+                                    str(capacity), str(free), str(prefetch)])
     proc.wait_line(re.compile(r"standins ready"), 120)
     return proc
 
@@ -161,15 +168,18 @@ def routing(count: int, repeats: int) -> dict[str, dict[str, Any]]:
         alone += [_batch(manager, client, count, True, None) for _ in range(repeats)]
         out["1 real worker"] = _summary(alone, idle_alone, 1)
         out["1 real + 999 busy stand-ins"] = _summary(crowded, idle_with, workers)
-    with common.Stack() as one, common.Stack() as many:  # routing among many
+    with common.Stack() as one, common.Stack() as many, common.Stack() as bare:  # routing among many
         setups = {}
-        for stack, standins, capacity in ((one, 1, STANDINS), (many, STANDINS, 1)):
+        for stack, standins, capacity, prefetch in ((one, 1, STANDINS, PREFETCH), (many, STANDINS, 1, PREFETCH),
+                                                    (bare, STANDINS, 1, 0)):
             manager = stack.manager()
             client = stack.client(manager)
-            helper = _standins(stack, manager, standins, capacity, capacity)
+            helper = _standins(stack, manager, standins, capacity, capacity, prefetch)
             workers = len(stack.wait_workers(client, standins)["workers"])
             argon_batch(client, 500, check=False)
             name = f"{standins} stand-in{'s' if standins > 1 else ''} x {capacity} free"
+            if not prefetch:
+                name += ", no prefetch"
             setups[name] = (manager, client, helper, workers)
         idle = {name: _idle(m, h, idle_time) for name, (m, _, h, _) in setups.items()}
         runs = common.interleave(repeats, {

@@ -517,7 +517,7 @@ class Slot:
         self.inflight: dict[int, Any] = {}
         self.window, self.processes = window, processes
         self.routable = True
-        self.idle = self.spare = self.waiting = 0
+        self.idle = self.spare = self.waiting = self.reclaiming = 0
 
 
 @pytest.mark.parametrize("workers", [1, 10, 1000])
@@ -587,6 +587,20 @@ def test_offers_are_credits_a_manager_accepts(seed):
         sim = SimWorker(Manager(ServerConfig()), "w", size)
         sim.credit(window, processes)  # a ProtocolError here would close the worker's link
         assert sim.link.processes == processes <= size
+
+
+@pytest.mark.parametrize(
+    ("trip", "run_time", "depth"),
+    [(None, 0.001, 4), (0.0005, 0.001, 4), (0.005, 0.001, 16), (0.005, 0.005, 4), (1.0, 0.001, 32),
+     (1.0, 0.01, 4), (1.0, 0.05, 0), (0.005, 0.05, 0)],
+)
+def test_prefetch_covers_twice_the_round_trip_within_its_bounds(trip, run_time, depth):
+    prefetch = Prefetch(horizon=0.002, max_horizon=0.02, limit=64)
+    for _ in range(20):
+        prefetch.observe(run_time)
+        if trip is not None:
+            prefetch.observe_round_trip(trip)
+    assert prefetch.depth(2) == depth
 
 
 def test_one_long_task_does_not_wipe_out_what_short_ones_taught():
