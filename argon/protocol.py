@@ -144,7 +144,8 @@ class Credit(NamedTuple):
 
     Each credit replaces the last one (it is a level, not an increment), so a worker
     can raise or lower it at any time and a lost race costs nothing: tasks already on
-    the way are taken and held.
+    the way are taken and held. A worker serving several managers gives each its own
+    credit, and moves free processes to whichever has work by changing them.
 
     Attributes:
         window: Most tasks from this manager the worker holds at once (sent and not yet

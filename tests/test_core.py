@@ -347,6 +347,23 @@ def test_a_task_lost_max_attempts_times_fails_with_worker_lost():
     assert [f.error for f in failures] == ["WorkerLost"] and "lost 3 times" in failures[0].message
 
 
+def test_tasks_a_lost_worker_held_unstarted_do_not_count_as_attempts():
+    sim = Sim()
+    sim.submit(3)
+    for _ in range(defaults.MAX_ATTEMPTS + 2):  # lost again and again while tasks 2 and 3 wait in its prefetch
+        worker = sim.worker(1, prefetch=4)
+        sim.settle()
+        assert worker.running == [1] and list(worker.waiting) == [2, 3]
+        worker.lose()
+        if [m for m in sim.replies() if type(m) is Failure]:
+            break
+    failures = [m for m in sim.replies() if type(m) is Failure]
+    assert [(f.id, f.error) for f in failures] == [(1, "WorkerLost")]  # only the task that ran each time
+    survivor = sim.worker(2)
+    sim.settle()
+    assert survivor.running == [2, 3]
+
+
 def test_a_draining_worker_gets_nothing_new_and_its_returned_tasks_go_elsewhere():
     sim = Sim()
     leaving = sim.worker(1, prefetch=4)

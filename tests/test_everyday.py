@@ -130,6 +130,7 @@ def test_prometheus_metrics_of_manager_and_worker(net):
     assert _metric(text, "argon_workers_connected", role="manager") == 1
     assert _metric(text, "argon_capacity_processes", role="manager") == 1
     assert _metric(text, "argon_queue_depth", role="manager") == 0
+    assert _metric(text, "argon_prefetched_tasks", role="manager") == 0
     assert _metric(text, "argon_redeliveries_total", role="manager") == 0
     assert _metric(text, "argon_task_latency_seconds_count", role="manager") == 7
     assert _metric(text, "argon_task_latency_seconds_bucket", role="manager", le="0.5") == 6  # the 1 s nap is slower
