@@ -163,9 +163,10 @@ def run(quick: bool) -> dict[str, Any]:
     rate_of = {peer: r.get("rate") for peer, r in peers.items()}
     record["targets"] = [
         common.target("Argon through a manager, tasks/s", rate, 10_000, at_least=True),
-        common.target("Argon / Pool(2).apply_async", common.ratio(rate, rate_of["pool"]), 0.4, at_least=True, unit="x"),
-        common.target("Argon / Ray", common.ratio(rate, rate_of["ray"]), 5, at_least=True, unit="x"),
-        common.target("Argon / Dask", common.ratio(rate, rate_of["dask"]), 15, at_least=True, unit="x"),
+        common.target("Argon / Pool(2).apply_async", common.ratio(rate, rate_of["pool"]), 0.5, at_least=True, unit="x"),
+        common.target("Argon / Ray", common.ratio(rate, rate_of["ray"]), 8, at_least=True, unit="x"),
+        common.target("Argon / Dask", common.ratio(rate, rate_of["dask"]), 25, at_least=True, unit="x"),
+        common.target("Argon / Celery", common.ratio(rate, rate_of["celery"]), 25, at_least=True, unit="x"),
     ]
     shares = cpu.shares()
     record["tables"].append({
