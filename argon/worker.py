@@ -98,6 +98,8 @@ class ManagerLink:
         freed: When recent results freed credits on this connection (to time round trips).
         released: Set once the manager will route nothing more on this connection (it
             answered our goodbye, or the connection closed).
+        foreign: Tasks in the pool, when this connection registered, that were not its own
+            and are still running (kept for a worker with one manager, whose credit it sets).
     """
 
     def __init__(self, address: tuple[str, int]) -> None:
@@ -108,6 +110,7 @@ class ManagerLink:
         self.window = 0
         self.processes = 0
         self.freed: deque[float] = deque(maxlen=defaults.MAX_PREFETCH)
+        self.foreign = 0
         self.released = gevent.event.Event()
 
     def __repr__(self) -> str:
@@ -269,6 +272,7 @@ class Worker(Server):
 
     def _serve_manager(self, link: ManagerLink, conn: Connection) -> None:
         session = link.session = next(self._sessions)
+        link.foreign = self.pool.outstanding  # tasks of other connections, running (queued ones were dropped)
         free = self._free()
         conn.send_now(Register(self.id, self.address[0], self.address[1], self.pool.size, free, os.getpid()))
         link.conn, link.window, link.processes = conn, free, free
@@ -362,6 +366,8 @@ class Worker(Server):
             link.freed.append(self.clock())
         else:
             self.discarded += 1
+            if session != link.session:  # counted in ``foreign`` when the current connection registered
+                link.foreign -= 1
             log.warning(
                 "discarding the result of task %d: its connection to manager %s is gone (the manager"
                 " re-sends tasks of lost workers)",
@@ -371,18 +377,25 @@ class Worker(Server):
         self._offer()
 
     def _offer(self) -> None:
-        """Update every manager's credit once the pool has settled (later in this turn of the loop).
+        """Update every manager's credit: at once for one manager, else once the pool has settled.
 
-        Deferred because a finishing task's reply comes before the pool starts the next
-        queued task, and several replies often come in one turn: one update covers them all.
+        With several, the update waits for the end of this turn of the loop, because a
+        finishing task's reply comes before the pool starts the next queued task (whose
+        manager that process then belongs to), and several replies often come in one
+        turn: one update covers them all.
         """
-        if not self._offer_due:
+        if len(self.links) == 1:
+            self._offer_now()
+        elif not self._offer_due:
             self._offer_due = True
             gevent.get_hub().loop.run_callback(self._offer_now)
 
     def _offer_now(self) -> None:
         """Send each serving link its credit, if it changed (see :func:`argon.flow.offers`)."""
         self._offer_due = False
+        if len(self.links) == 1:
+            self._offer_sole(self.links[0])
+            return
         serving = [link for link in self.links if link.state is LinkState.SERVING and link.conn is not None]
         if not serving:
             return
@@ -396,6 +409,21 @@ class Worker(Server):
                 assert link.conn is not None
                 with contextlib.suppress(ConnectionLost):
                     link.conn.send(Credit(window, processes))
+
+    def _offer_sole(self, link: ManagerLink) -> None:
+        """The credit of a worker's only manager: every process not busy with an earlier connection's task.
+
+        The same as :func:`~argon.flow.offers` gives for one manager, without looking at the
+        pool, on the path every finished task takes.
+        """
+        if link.state is not LinkState.SERVING or link.conn is None:
+            return
+        processes = max(0, self.pool.size - link.foreign)
+        window = processes + (0 if self._stalled else self.prefetch.depth(processes))
+        if window != link.window or processes != link.processes:
+            link.window, link.processes = window, processes
+            with contextlib.suppress(ConnectionLost):
+                link.conn.send(Credit(window, processes))
 
     def _watch_stalls(self) -> None:
         """While tasks wait in the pool, look every so often whether they wait behind stuck processes."""
