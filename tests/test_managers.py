@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -169,6 +170,25 @@ def test_killing_a_manager_loses_nothing_and_workers_register_again_when_it_retu
     for worker in workers:
         with Client(worker.address) as c:
             assert wait_for(lambda c=c: all(m["connected"] for m in c.status()["managers"]), 10)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_serves_the_managers_it_reaches_and_joins_a_missing_one_when_it_starts(net):
+    up = net.manager()
+    with socket.socket() as probe:  # a port with no manager behind it (yet)
+        probe.bind(("127.0.0.1", 0))
+        missing = probe.getsockname()[1]
+    worker = net.start("worker", "--workers", "2",
+                       env=child_env(ARGON_MANAGER=f"{up.address},127.0.0.1:{missing}"))
+    with Client(up.address) as c:
+        net.wait_workers(c, 1)
+        assert [c.queue(nap, [i, 0.0]) for i in range(10)] == list(range(10))
+    with Client(worker.address) as c:
+        assert [m["connected"] for m in c.status()["managers"]] == [True, False]
+    late = net.manager(port=missing)
+    with Client(late.address) as c:
+        net.wait_workers(c, 1, timeout=10)
+        assert [c.queue(nap, [i, 0.0]) for i in range(10)] == list(range(10))
 
 
 @pytest.mark.timeout(120)
