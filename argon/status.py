@@ -198,12 +198,15 @@ def combine(views: list[tuple[str, dict[str, Any] | None, str]]) -> dict[str, An
     Returns:
         ``{"managers": [...], "workers", "capacity", "busy", "queued", ...}``: each manager's
         own status (or ``up: False`` and the error), and network totals. A worker that
-        serves several managers is counted once in ``workers`` and ``capacity``; the task
-        counters add up, since each manager counts the tasks it routed.
+        serves several managers is counted once in ``workers``, ``capacity`` and ``busy``
+        (each manager's row counts the tasks running on it whichever manager sent them;
+        the highest is taken); the task counters add up, since each manager counts the
+        tasks it routed, and so do ``prefetched`` and ``queued``, held for one manager each.
     """
     managers: list[dict[str, Any]] = []
     workers: dict[str, dict[str, Any]] = {}
-    counters = ("busy", "prefetched", "queued", "completed", "failed", "rejected", "redelivered", "clients")
+    busy: dict[str, int] = {}
+    counters = ("prefetched", "queued", "completed", "failed", "rejected", "redelivered", "clients")
     totals = dict.fromkeys(counters, 0)
     rate = 0.0
     for address, status, error in views:
@@ -212,7 +215,9 @@ def combine(views: list[tuple[str, dict[str, Any] | None, str]]) -> dict[str, An
             continue
         managers.append({"address": address, "up": True, "status": status})
         for worker in status.get("workers", []):
-            workers.setdefault(str(worker.get("id")), worker)
+            key = str(worker.get("id"))
+            workers.setdefault(key, worker)
+            busy[key] = max(busy.get(key, 0), int(worker.get("busy") or 0))
         for name in counters:
             totals[name] += int(status.get(name) or 0)
         rate += float(status.get("rate") or 0.0)
@@ -223,6 +228,7 @@ def combine(views: list[tuple[str, dict[str, Any] | None, str]]) -> dict[str, An
         "down": len(managers) - up,
         "workers": len(workers),
         "capacity": sum(int(w.get("capacity", 0)) for w in workers.values() if not w.get("draining")),
+        "busy": sum(busy.values()),
         **totals,
         "rate": round(rate, 1),
     }

@@ -278,3 +278,18 @@ def test_argon_local_with_two_managers():
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
+
+
+@pytest.mark.timeout(120)
+def test_status_counts_a_worker_shared_by_two_managers_once(net):
+    managers, _ = shared_workers(net, workers=1, processes=2)
+    both = ",".join(m.address for m in managers)
+    clients = [net.client(m) for m in managers]
+    deferreds = [client.defer(nap, [i, 3.0]) for i in range(2) for client in clients]  # 4 tasks, 2 processes
+    wait_for(lambda: all(c.status()["busy"] == 2 for c in clients), 20, what="both processes busy")
+    done = subprocess.run([sys.executable, str(ARGON), "status", both, "--json"], capture_output=True,
+                          text=True, timeout=60, env=child_env())
+    network = json.loads(done.stdout)
+    assert network["workers"] == 1 and network["capacity"] == 2
+    assert network["busy"] == 2, "two processes run two tasks, whichever managers sent them"
+    assert [d(timeout=60) for d in deferreds] == [0, 0, 1, 1]
