@@ -1,10 +1,11 @@
 """One authenticated, framed, heartbeating link between two Argon peers.
 
-A :class:`Connection` owns a socket. Sending encodes the message at once (so errors
-reach the caller) and appends the frame to an outbox; one writer greenlet per
-connection sends everything that piled up in a single ``sendall``, so a burst of small
-messages costs one system call. The reader runs in whichever greenlet calls
-:meth:`Connection.serve` and hands each decoded message to a handler.
+A :class:`Connection` owns a socket. Sending goes through its
+:class:`~argon.outbox.Outbox`, which encodes the message at once (so errors reach the
+caller) and sends everything that piled up in one system call, small messages in one
+batch frame. The reader runs in the hub (or, for TLS, in whichever greenlet calls
+:meth:`Connection.serve`) and hands each decoded message to a handler; a timer sends
+heartbeats on an idle link and closes one whose peer went silent.
 
 :func:`connect` and :func:`accept` build connections: TLS (optional), the handshake of
 :mod:`argon.security`, then an exchange of :class:`~argon.protocol.Hello` messages.
@@ -30,8 +31,8 @@ import gevent.ssl
 from argon import defaults
 from argon._version import __version__
 from argon.errors import TASK_ERRORS, ArgonError, AuthenticationError, ConnectionLost, MessageTooLarge, ProtocolError
+from argon.outbox import Outbox
 from argon.protocol import (
-    BIG,
     VERSION,
     Batch,
     Buffer,
@@ -42,17 +43,13 @@ from argon.protocol import (
     Message,
     Ping,
     Result,
-    batch_body,
     decode,
-    encode_parts,
-    frame_parts,
 )
-from argon.security import MAC_BYTES, Session, client_handshake, refuse, server_handshake
+from argon.security import Session, client_handshake, refuse, server_handshake
 
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
-IOV_MAX = 1024
 SERIALIZER = "pickle+dill"
 
 
@@ -82,32 +79,15 @@ class Connection:
         self._hello: Hello | None = None
         self.closed = False
         self.reason = ""
-        self.last_recv = self.last_send = time.monotonic()
-        self._signer = session.send
+        self.last_recv = time.monotonic()
         self._checker = session.recv
         self._frames = FrameBuffer(max_frame)
         self._backlog = self._frames.feed(session.rest)
         self._unbatched: list[Message] = []  # the rest of a batch recv_message read
-        self._mac_size = MAC_BYTES if self._signer else 0
-        self._out: list[bytes] = []  # frames ready to go
-        self._small: list[bytes] = []  # bodies of small messages not framed yet (see _seal)
-        self._small_size = 0
-        self._batch_count = 1  # most messages per frame: 1 until the peer's hello allows more
-        self._batch_bytes = defaults.BATCH_BYTES
-        self._limit = 0  # the peer's frame limit (0: not announced)
-        self.sent_frames = 0
-        self.sent_messages = 0
         self._loop = gevent.get_hub().loop
-        # A plain socket is written straight from a hub callback; TLS goes through the writer.
+        # A plain socket is written and read straight from the hub; TLS goes through greenlets.
         self._raw = None if isinstance(sock, gevent.ssl.SSLSocket) else getattr(sock, "_sock", None)
-        self._scheduled = False
-        self._lingering: Any = None  # a timer that flushes what lingers (see send)
-        self._linger = 0.0
-        self._writing = False
-        self._wake = gevent.event.Event()
-        self._idle = gevent.event.Event()
-        self._idle.set()
-        self._writer: gevent.Greenlet | None = None
+        self.outbox = Outbox(sock, self._raw, peer, session.send, self.close, self._drained)
         self._keepalive: Any = None
         self._interval = heartbeat
         self._silence: float | None = None
@@ -118,7 +98,6 @@ class Connection:
         # Backpressure (servers only, so two peers can never both stop reading): while
         # more than OUTBOX_HIGH bytes wait to go to this peer, stop reading from it.
         self.guard = False
-        self._queued = 0
         self._drain_mark = 0
         self._resumed = gevent.event.Event()
         self._resumed.set()
@@ -135,37 +114,19 @@ class Connection:
     @hello.setter
     def hello(self, hello: Hello | None) -> None:
         self._hello = hello
-        self._limit = hello.max_frame if hello is not None else 0
         if hello is not None:
-            # Batch no more messages than the peer takes, in frames it accepts.
-            self._batch_count = max(1, min(hello.batch, defaults.BATCH_MESSAGES))
-            if hello.max_frame:
-                self._batch_bytes = min(defaults.BATCH_BYTES, hello.max_frame - self._mac_size - 16)
+            self.outbox.configure(hello)  # batch no more than the peer takes, in frames it accepts
 
     # -- sending ----------------------------------------------------------------------
 
-    def _encode(self, msg: Message) -> tuple[list[bytes], int]:
-        """The body of ``msg`` as buffers (a large payload is one, uncopied), and its size.
+    @property
+    def last_send(self) -> float:
+        """When (``time.monotonic()``) the socket last took something from this side."""
+        return self.outbox.last_send
 
-        Raises:
-            MessageTooLarge: The peer announced a smaller frame limit (checked before
-                anything is signed, so a refused message uses up no sequence number).
-        """
-        parts = encode_parts(msg)
-        size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
-        limit = self._limit
-        if limit and size + self._mac_size > limit:
-            raise MessageTooLarge(
-                f"a {type(msg).__name__} of {size + self._mac_size} bytes exceeds the {limit} byte"
-                f" limit of {self.peer} (its --max-frame)"
-            )
-        return parts, size
-
-    def _framed(self, parts: list[bytes], size: int) -> list[bytes]:
-        """Sign (on a keyed link) and frame one body; frames are signed in sending order."""
-        self.sent_frames += 1
-        mac = self._signer.sign(*parts) if self._signer else b""
-        return frame_parts(parts, mac, size)
+    @last_send.setter
+    def last_send(self, when: float) -> None:
+        self.outbox.last_send = when
 
     def send(self, msg: Message, linger: float = 0.0) -> None:
         """Queue a message; it goes out with everything else queued in this loop iteration.
@@ -185,90 +146,19 @@ class Connection:
         """
         if self.closed:
             raise ConnectionLost(f"connection to {self.peer} is closed: {self.reason}")
-        parts, size = self._encode(msg)
-        self.sent_messages += 1
-        if len(parts) == 1 and size < self._batch_bytes:
-            if len(self._small) >= self._batch_count or self._small_size + size > self._batch_bytes:
-                self._seal()
-            self._small.append(parts[0])
-            self._small_size += size
-            self._queued += size
-        else:
-            self._seal()  # what was queued before it goes before it
-            self._out += self._framed(parts, size)
-            self._queued += 4 + self._mac_size + size
-        if self.guard and self._queued > defaults.OUTBOX_HIGH and self._resumed.is_set():
-            self._resumed.clear()
+        outbox = self.outbox
+        outbox.put(msg, linger)
+        if self.guard and outbox.queued > defaults.OUTBOX_HIGH and self._resumed.is_set():
+            self._resumed.clear()  # the peer does not read: stop reading from it until it does
+            outbox.watch_drain()
             if self._reading is not None:
                 self._reading.stop()
-        if not self._scheduled:
-            self._idle.clear()
-            if not linger:
-                self._scheduled = True
-                self._loop.run_callback(self._flush)
-            elif self._lingering is None or not self._lingering.active:
-                if self._lingering is None or self._linger != linger:
-                    if self._lingering is not None:
-                        self._lingering.close()
-                    self._lingering, self._linger = self._loop.timer(linger), linger
-                self._lingering.start(self._flush_lingering)
 
-    def _seal(self) -> None:
-        """Frame the small messages queued so far: one frame, or one batch frame for several."""
-        small = self._small
-        if not small:
-            return
-        body = small[0] if len(small) == 1 else batch_body(small)
-        self._out += self._framed([body], len(body))
-        self._queued += 4 + self._mac_size + len(body) - self._small_size
-        self._small = []
-        self._small_size = 0
-
-    def _flush(self) -> None:
-        """Send what is queued in one system call, from the hub, with no greenlet switch.
-
-        Whatever the socket does not take at once is left to the writer greenlet, which
-        waits until the socket is writable; while it works, it owns the queue.
-        """
-        self._scheduled = False
-        if self.closed or self._writing:
-            return
-        self._seal()
-        if not self._out:
-            return
-        buffers, self._out = _gather(self._out), []
-        total = sum(len(buffer) for buffer in buffers)
-        sent = 0
-        if self._raw is not None:
-            try:
-                sent = self._raw.send(buffers[0]) if len(buffers) == 1 else self._raw.sendmsg(buffers)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self.close(f"send failed: {exc}")
-                return
-        self._sent(sent)
-        if sent == total:
-            self.last_send = time.monotonic()
-            self._idle.set()
-            return
-        self._out[:0] = _unsent(buffers, sent)
-        self._writing = True
-        self._wake.set()
-
-    def _flush_lingering(self) -> None:
-        """Timer callback: what waited for company goes now (unless a flush is on its way)."""
-        if not self._scheduled:
-            self._scheduled = True
-            self._flush()
-
-    def _sent(self, count: int) -> None:
-        """Account for ``count`` bytes handed to the socket; resume reading once drained."""
-        self._queued -= count
-        if not self._resumed.is_set() and self._queued <= defaults.OUTBOX_LOW:
-            self._resumed.set()
-            if self._reading is not None and not self.closed:
-                self._reading.start(self._on_readable)
+    def _drained(self) -> None:
+        """The outbox has drained: read from the peer again."""
+        self._resumed.set()
+        if self._reading is not None and not self.closed:
+            self._reading.start(self._on_readable)
 
     def reply(self, msg: Result | Failure, linger: float = 0.0) -> None:
         """Send a task's reply; one too large for the peer goes as a failure saying so."""
@@ -279,31 +169,11 @@ class Connection:
 
     def send_now(self, msg: Message) -> None:
         """Send one message from the calling greenlet (before :meth:`serve`, nothing queued)."""
-        for part in self._framed(*self._encode(msg)):
-            self.sock.sendall(part)
-        self.last_send = time.monotonic()
-
-    def _write_loop(self) -> None:
-        try:
-            while True:
-                self._wake.wait()
-                self._wake.clear()
-                self._seal()
-                while self._out:
-                    buffers, self._out = _gather(self._out), []
-                    for buffer in buffers:
-                        self.sock.sendall(buffer)
-                        self.last_send = time.monotonic()
-                        self._sent(len(buffer))
-                    self._seal()  # what was queued while this greenlet waited
-                self._writing = False
-                self._idle.set()
-        except OSError as exc:
-            self.close(f"send failed: {exc}")
+        self.outbox.send_now(msg)
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued has been handed to the socket; False on timeout."""
-        return bool(self._idle.wait(timeout))
+        return self.outbox.wait(timeout)
 
     # -- receiving --------------------------------------------------------------------
 
@@ -348,7 +218,7 @@ class Connection:
             Why the connection closed.
         """
         self._handler = handler
-        self._writer = gevent.spawn(self._write_loop)
+        self.outbox.start()
         interval = self.keepalive(misses)
         # A libev timer, not a greenlet: a manager with a thousand idle workers wakes no
         # greenlets to keep them alive.
@@ -444,12 +314,12 @@ class Connection:
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.warning("closing connection from %s: protocol error: %s", self.peer, exc)
         reason = f"protocol error: {exc}"
-        if self._raw is not None and not self.closed and not self._writing:
+        if self._raw is not None and not self.closed and not self.outbox.writing:
             # Tell the peer why, if the socket takes it at once (this may run in the hub,
             # so nothing here may wait); it then fails with a ProtocolError naming it.
             with contextlib.suppress(ArgonError):
                 self.send(Bye(reason, ProtocolError.__name__))
-                self._flush()
+                self.outbox.flush_now()
         self.close(reason)
 
     def keepalive(self, misses: int, now: float | None = None) -> float:
@@ -480,13 +350,14 @@ class Connection:
         if now - self._tick > 2 * interval:
             # This process itself was frozen or starved: give the peer a fresh chance.
             self.last_recv = now
-        if not self._resumed.is_set() and self._queued < self._drain_mark:
+        queued = self.outbox.queued
+        if not self._resumed.is_set() and queued < self._drain_mark:
             self.last_recv = now  # we stopped reading it, but it is taking our data: alive
-        self._tick, self._drain_mark = now, self._queued
+        self._tick, self._drain_mark = now, queued
         if timeout is not None and now - self.last_recv > timeout:
             log.warning("no heartbeat from %s for %.1fs; closing", self.peer, now - self.last_recv)
             self.close(f"no heartbeat for {now - self.last_recv:.1f}s")
-        elif now - self.last_send >= interval and not self._out and not self._small:
+        elif now - self.last_send >= interval and self.outbox.empty:
             with contextlib.suppress(ConnectionLost):
                 self.send(Ping())
 
@@ -498,50 +369,14 @@ class Connection:
             return
         self.closed = True
         self.reason = reason
-        self._out = []
-        self._small = []
-        self._idle.set()
+        self.outbox.close()
         if self._reading is not None:
             self._reading.close()
         self._ended.set()
-        if self._lingering is not None:
-            self._lingering.close()
         if self._keepalive is not None:
             self._keepalive.close()
-        if self._writer is not None and self._writer is not gevent.getcurrent():
-            self._writer.kill(block=False)
         with contextlib.suppress(OSError):
             self.sock.close()
-
-
-def _gather(buffers: list[bytes]) -> list[bytes]:
-    """Join runs of small buffers, keep large ones whole: few, big buffers for ``sendmsg``."""
-    if len(buffers) == 1:
-        return buffers
-    gathered: list[bytes] = []
-    small: list[bytes] = []
-    for buffer in buffers:
-        if len(buffer) >= BIG:
-            if small:
-                gathered.append(b"".join(small))
-                small = []
-            gathered.append(buffer)
-        else:
-            small.append(buffer)
-    if small:
-        gathered.append(b"".join(small))
-    if len(gathered) > IOV_MAX:  # sendmsg takes at most IOV_MAX buffers at once
-        gathered[IOV_MAX - 1 :] = [b"".join(gathered[IOV_MAX - 1 :])]
-    return gathered
-
-
-def _unsent(buffers: list[bytes], sent: int) -> list[bytes]:
-    """What is left of ``buffers`` after the first ``sent`` bytes went out."""
-    for index, buffer in enumerate(buffers):
-        if sent < len(buffer):
-            return [memoryview(buffer)[sent:], *buffers[index + 1 :]]  # type: ignore[list-item]
-        sent -= len(buffer)
-    return []
 
 
 def _dial(host: str, port: int) -> Any:

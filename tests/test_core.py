@@ -685,9 +685,9 @@ def test_heartbeat_pings_an_idle_link_and_closes_a_silent_one(conn):
     conn.keepalive(4, now=100.0)
     conn.last_recv = conn.last_send = 100.0
     conn.beat(now=100.5)
-    assert not conn._small and not conn.closed  # not idle long enough for a ping
+    assert conn.outbox.empty and not conn.closed  # not idle long enough for a ping
     conn.beat(now=101.0)
-    assert conn._small  # a ping is queued
+    assert not conn.outbox.empty  # a ping is queued
     for now in (102.0, 103.0, 104.0):
         conn.beat(now=now)
         assert not conn.closed
