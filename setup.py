@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["argon", "argon.*"]),
-    package_data={"argon": ["py.typed"]},
+    package_data={"argon": ["py.typed", "dashboard.html"]},
     scripts=[],
     entry_points={"console_scripts": ["argon = argon.cli:run"]},
     python_requires=">=3.10",

@@ -52,6 +52,10 @@ Options:
                         has been registered for this long (default: 60).
   --metrics-port PORT   Serve Prometheus metrics on this port at /metrics
                         (on --host; 0 picks one; default: off).
+  --dashboard-port PORT
+                        Serve a live web dashboard on this port: a page at /,
+                        its figures as JSON at /api/status (on --host, same peer
+                        rules as the server; 0 picks one; default: off).
   --nodes N             local: worker nodes to start (default: 1).
   --managers N          local: managers to start; every node serves them all
                         (default: 1).
@@ -85,6 +89,7 @@ from docopt import DocoptExit, docopt
 import argon
 from argon import defaults
 from argon._version import __version__
+from argon.dashboard import serve_dashboard
 from argon.errors import ArgonError
 from argon.manager import Manager
 from argon.metrics import serve_metrics
@@ -115,6 +120,7 @@ _OPTIONS = (
     "--tls-key",
     "--tls-ca",
     "--metrics-port",
+    "--dashboard-port",
     "--nodes",
     "--managers",
     "--watch",
@@ -315,10 +321,12 @@ def _serve(args: dict[str, Any]) -> int:
     """``argon manager`` and ``argon worker``: run a server until a signal stops it."""
     config = build_config(args)
     metrics_port = _number(args, "--metrics-port")
+    dashboard_port = _number(args, "--dashboard-port")
     server: Manager | Worker = Manager(config) if args["manager"] else Worker(config)  # type: ignore[arg-type]
     try:
         server.start()
         metrics = serve_metrics(server, config.host, metrics_port) if metrics_port is not None else None
+        dashboard = serve_dashboard(server, config.host, dashboard_port) if dashboard_port is not None else None
     except ArgonError as exc:  # a pool that would not start
         print(f"argon {server.role}: cannot start: {exc}", file=sys.stderr)
         if isinstance(server, Worker):
@@ -334,6 +342,8 @@ def _serve(args: dict[str, Any]) -> int:
     print(f"argon {server.role} listening on {server.name}", flush=True)
     if metrics is not None:
         print(f"argon {server.role} metrics on http://{config.host}:{metrics.server_port}/metrics", flush=True)
+    if dashboard is not None:
+        print(f"argon {server.role} dashboard on {dashboard.url}", flush=True)
     print(ready_line(server.role, server.name), flush=True)  # last: everything above is up
     server.serve_forever()
     failure = getattr(server, "failure", None)
@@ -449,6 +459,7 @@ def _local(args: dict[str, Any]) -> int:
         manager_options=manager_options,
         worker_options=worker_options,
         managers=managers,
+        dashboard_port=_number(args, "--dashboard-port"),
         **_local_options(args, _LOCAL_COMMON),
     )
     with cluster:
@@ -459,6 +470,8 @@ def _local(args: dict[str, Any]) -> int:
             " Ctrl-C to stop",
             flush=True,
         )
+        for url in cluster.dashboards:  # one per manager
+            print(f"argon local: dashboard on {url}", flush=True)
         for address in cluster.address.split(","):  # one ready line per manager, each HOST:PORT
             print(ready_line("local", address), flush=True)
         stop.wait()

@@ -163,3 +163,24 @@ far longer than its usual task, hands back the tasks it holds unstarted."""
 LINGER = 0.0005
 """Seconds a worker's result may wait for others to share a frame with, while the worker has
 tasks waiting for its processes (its manager needs no result urgently to keep it busy)."""
+
+DASHBOARD_INTERVAL = 1.0
+"""Seconds between the dashboard's samples of a server's counters (and its page's polls)."""
+
+DASHBOARD_WINDOW = 300.0
+"""Seconds of history the dashboard keeps and charts, and over which it takes percentiles."""
+
+DASHBOARD_SAMPLES = 2048
+"""Most recent tasks whose wait and run times the dashboard keeps for its percentiles."""
+
+DASHBOARD_DEPARTED = 100
+"""Most departed (lost or drained) workers the dashboard remembers."""
+
+DASHBOARD_RATE_SAMPLES = 6
+"""Samples (seconds, plus one) over which the dashboard measures each worker's tasks/s."""
+
+DASHBOARD_CONNECTIONS = 64
+"""HTTP connections the dashboard serves at once; more wait to be accepted."""
+
+DASHBOARD_MAX_HEADERS = 16 * 1024
+"""Largest request headers (bytes) the dashboard reads; larger ones are refused with 431."""

@@ -56,6 +56,8 @@ class LocalCluster:
         worker_options: Command-line options for the worker nodes only (``tls_ca=...``).
         managers: Managers to start (more than one: no single point of failure);
             :attr:`address` lists them all.
+        dashboard_port: Serve the first manager's live dashboard on this port, the others'
+            on free ones (0: free ports for all); their addresses are then in ``dashboards``.
         options: Command-line options for every process, such as ``heartbeat=0.5`` for
             ``--heartbeat 0.5``; ``True`` gives a flag (``insecure=True``, ``verbose=True``).
 
@@ -79,6 +81,7 @@ class LocalCluster:
         manager_options: dict[str, Any] | None = None,
         worker_options: dict[str, Any] | None = None,
         managers: int = 1,
+        dashboard_port: int | None = None,
         **options: Any,
     ) -> None:
         if managers < 1:
@@ -94,10 +97,12 @@ class LocalCluster:
         self.grace = defaults.GRACE if grace is None else grace
         self.options = {**options, "host": host, "key": key_file, "grace": grace}
         self.manager_options = {**(manager_options or {}), "queue_size": queue_size}
+        self.dashboard_port = dashboard_port
         self.worker_options = {**(worker_options or {}), "workers": workers, "max_requests": max_requests}
         self.host = host
         self.port = port
         self.processes: list[gevent.subprocess.Popen] = []
+        self.dashboards: list[str] = []  # each manager's dashboard URL, with dashboard_port
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -110,6 +115,11 @@ class LocalCluster:
         return f"<LocalCluster {self.address} nodes={self.nodes} processes={len(self.processes)}>"
 
     @property
+    def dashboard(self) -> str | None:
+        """The (first) manager's dashboard URL, if it has one (see ``dashboard_port``)."""
+        return self.dashboards[0] if self.dashboards else None
+
+    @property
     def address(self) -> str:
         """The managers' ``host:port``, comma-separated if several: what a client takes.
 
@@ -120,14 +130,18 @@ class LocalCluster:
     def start(self) -> None:
         """Start the managers, then all nodes at once, and wait until every node has registered with each."""
         self.manager_addresses = []
+        self.dashboards = []
         try:
             launched = [
-                self._launch("manager", {**self.manager_options, "port": self.port if not i else 0})
+                self._launch("manager", {**self.manager_options, "port": self.port if not i else 0,
+                                         "dashboard_port": self._dashboard_port(i)})
                 for i in range(self.managers)
             ]
             for manager in launched:
-                _, host, port = read_ready(manager.stdout, START_TIMEOUT, "'argon manager'")
+                printed: list[str] = []
+                _, host, port = read_ready(manager.stdout, START_TIMEOUT, "'argon manager'", printed)
                 self.manager_addresses.append((host, port))
+                self.dashboards += [line.split()[-1] for line in printed if " dashboard on " in line]
             self.host, self.port = self.manager_addresses[0]
             nodes = [
                 self._launch("worker", {**self.worker_options, "manager": self.address, "port": 0})
@@ -148,6 +162,12 @@ class LocalCluster:
         except BaseException:
             self.close()
             raise
+
+    def _dashboard_port(self, index: int) -> int | None:
+        """The first manager's dashboard goes on ``dashboard_port``, the others' on free ports."""
+        if self.dashboard_port is None:
+            return None
+        return self.dashboard_port if index == 0 else 0
 
     def _launch(self, role: str, own: dict[str, Any]) -> gevent.subprocess.Popen:
         """Start ``argon ROLE`` with this cluster's options and ``own``, in its own session."""

@@ -38,6 +38,7 @@ import gevent
 
 from argon import defaults
 from argon.connection import Connection
+from argon.dashboard import Recorder
 from argon.errors import ConnectionLost, MessageTooLarge, NoWorkers, ProtocolError, TaskCancelled, WorkerLost
 from argon.flow import Routes
 from argon.protocol import Bye, Credit, Failure, Handback, Message, Reclaim, Register, Result, Stats, Task
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 class _Ticket:
     """A client's task while the manager holds it (queued, or held by a worker)."""
 
-    __slots__ = ("arrived", "attempts", "client", "id", "task", "worker")
+    __slots__ = ("arrived", "attempts", "client", "id", "sent", "task", "worker")
 
     def __init__(self, ticket_id: int, client: ClientLink, task: Task, arrived: float) -> None:
         self.id = ticket_id
@@ -60,6 +61,7 @@ class _Ticket:
         self.attempts = 0
         self.worker: WorkerLink | None = None
         self.arrived = arrived
+        self.sent = 0.0  # when it last left the queue for a worker
 
     def __repr__(self) -> str:
         where = f"at {self.worker.id}" if self.worker is not None else "queued"
@@ -71,7 +73,7 @@ class _Ticket:
 
 
 #: Figures a worker's Stats may carry, each a finite number of at least zero.
-_STAT_NUMBERS = ("rss", "pool_rss", "replaced", "discarded", "handed_back", "uptime", "started")
+_STAT_NUMBERS = ("rss", "pool_rss", "replaced", "discarded", "handed_back", "uptime", "started", "cpu")
 
 
 def _checked_stats(values: dict[str, Any], capacity: int) -> dict[str, Any]:
@@ -234,6 +236,7 @@ class Manager(Server):
         # Since when no registered worker takes tasks (None: one does); see fail_unserved.
         self._unserved_since: float | None = self.clock()
         self._waiting: gevent.Greenlet | None = None
+        self.recorder = Recorder(clock=self.clock)  # task times and departures, for the dashboard
 
     # -- connections --------------------------------------------------------------------
 
@@ -317,6 +320,7 @@ class Manager(Server):
         self._workers_changed()
         tickets = list(link.inflight.values())
         link.inflight.clear()
+        self.recorder.departed(link.row().as_dict(), lost=bool(tickets) or not (drained or self.stopping))
         if drained and not tickets:
             log.info("worker %s (%s) left after draining", link.id, link.conn.peer)
         elif self.stopping and not tickets:  # this manager is closing its links: nothing lost
@@ -432,6 +436,7 @@ class Manager(Server):
             ticket = pending.popleft()
             ticket.attempts += 1
             ticket.worker = link
+            ticket.sent = self.recorder.started(ticket.arrived)
             link.inflight[ticket.id] = ticket
             routes.update(link)
             task = ticket.task
@@ -491,6 +496,7 @@ class Manager(Server):
         if ticket is None:
             log.debug("worker %s replied to unknown task %d", link.id, msg.id)
             return
+        self.recorder.finished(ticket.sent)
         if type(msg) is Result:
             self.completed += 1
             link.completed += 1
@@ -537,6 +543,10 @@ class Manager(Server):
             "worker_wait": self.config.worker_wait,
             "no_workers_for": None if since is None else round(self.clock() - since, 1),
         }
+
+    def oldest_arrival(self) -> float | None:
+        """When (by :attr:`clock`) the task that has waited longest in the queue arrived; None if none waits."""
+        return self._pending[0].arrived if self._pending else None
 
     def busy(self) -> int:
         """Tasks queued or held by workers."""

@@ -40,6 +40,7 @@ import psutil
 
 from argon import defaults
 from argon.backoff import Backoff
+from argon.dashboard import Recorder
 from argon.errors import ProcessDied, ProtocolError, TaskTimeout
 from argon.osutil import importable
 from argon.protocol import Buffer, Failure, FrameBuffer, Hello, Result, Task, decode, encode_parts, frame_parts
@@ -73,12 +74,14 @@ class Job:
         tag: Anything the submitter wants to find the job by later.
     """
 
-    __slots__ = ("done", "tag", "task")
+    __slots__ = ("arrived", "began", "done", "tag", "task")
 
     def __init__(self, task: Task, done: Callable[[Reply], None], tag: Any = None) -> None:
         self.task = task
         self.done = done
         self.tag = tag
+        self.arrived = time.monotonic()
+        self.began = 0.0  # when a process took it
 
 
 class PoolProcess:
@@ -294,6 +297,7 @@ class Pool:
         self.replaced = 0
         self._env = importable(dict(os.environ))  # tasks see the worker's environment
         self._jobs: deque[Job] = deque()
+        self.recorder = Recorder()  # task wait and run times, for the dashboard
         self._idle: list[PoolProcess] = []
         self._processes: list[PoolProcess] = []
         self._closing = False
@@ -353,6 +357,10 @@ class Pool:
         process.readable.start(self._on_readable, process)
         self._next(process)
 
+    def oldest_arrival(self) -> float | None:
+        """When (monotonic) the job that has waited longest for a process arrived; None if none waits."""
+        return self._jobs[0].arrived if self._jobs else None
+
     def submit(self, job: Job) -> None:
         """Queue a job; free processes take jobs in submission order.
 
@@ -373,6 +381,7 @@ class Pool:
         self.running += 1
         if self.max_requests and process.tasks + 1 >= self.max_requests and process.spare is None:
             process.spare = gevent.spawn(self._spawn_process)  # warm up its successor now
+        job.began = self.recorder.started(job.arrived)
         process.begin(job, self._on_timeout)
 
     def _next(self, process: PoolProcess) -> None:
@@ -415,6 +424,7 @@ class Pool:
     def _deliver(self, process: PoolProcess, reply: Reply) -> None:
         job = process.finish()
         assert job is not None
+        self.recorder.finished(job.began)
         if self._observe is not None:
             self._observe(time.monotonic() - process.began)
         self.running -= 1

@@ -71,6 +71,7 @@ class WorkerStats(_Record):
         discarded: Results dropped because the manager link they belonged to was gone.
         handed_back: Tasks handed back to the manager unstarted (steal-back, stalls, drain).
         started: When the worker started (``time.time()``).
+        cpu: CPU use of the worker and its pool processes since its last report (% of one core).
     """
 
     rss: int = 0
@@ -80,6 +81,7 @@ class WorkerStats(_Record):
     discarded: int = 0
     handed_back: int = 0
     started: float = 0.0
+    cpu: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

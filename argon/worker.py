@@ -42,6 +42,7 @@ import psutil
 from argon import defaults
 from argon.backoff import Backoff
 from argon.connection import Connection, connect
+from argon.dashboard import CpuMeter, Recorder
 from argon.errors import ArgonError, ConnectionLost, ProtocolError, TaskCancelled
 from argon.flow import Prefetch, offers
 from argon.pool import Job, Pool, Reply
@@ -163,6 +164,7 @@ class Worker(Server):
         self._stalled = False  # prefetch is off until a process frees up (all were stuck on long tasks)
         self._offer_due = False  # a credit update is scheduled for this turn of the loop
         self._watch: Any = None  # timer looking for stalls while tasks wait in the pool
+        self._cpu = CpuMeter()
 
     @property
     def managed(self) -> bool:
@@ -211,6 +213,15 @@ class Worker(Server):
     def failed(self) -> int:  # type: ignore[override]
         """Tasks that failed."""
         return self.pool.failed
+
+    @property
+    def recorder(self) -> Recorder:
+        """Wait and run times of the pool's tasks (for the dashboard)."""
+        return self.pool.recorder
+
+    def oldest_arrival(self) -> float | None:
+        """When (monotonic) the task that has waited longest for a process arrived."""
+        return self.pool.oldest_arrival()
 
     def _timed(self, deliver: Any, arrived: float) -> Any:
         """``deliver``, recording the task's latency first."""
@@ -484,6 +495,7 @@ class Worker(Server):
             discarded=self.discarded,
             handed_back=self.handed_back,
             started=self.started,
+            cpu=self._cpu.read([os.getpid(), *(p["pid"] for p in processes)]),
         )
 
     def status(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 from bench import common
 
 DOC = common.REPO / "docs" / "benchmarks.md"
-ORDER = ["throughput", "latency", "scaling", "overload", "payloads", "security", "callers"]
+ORDER = ["throughput", "latency", "scaling", "overload", "payloads", "security", "callers", "dashboard"]
 
 INTRO = """\
 # Benchmarks

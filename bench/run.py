@@ -3,7 +3,7 @@
 Usage:
   python bench/run.py [--quick] [--only NAME[,NAME...]] [--no-docs]
 
-Scenarios: throughput, latency, scaling, overload, payloads, security, callers (in that order).
+Scenarios: throughput, latency, scaling, overload, payloads, security, callers, dashboard (in that order).
 ``--quick`` runs a short smoke version of each (about a minute and a half in all).
 Results go to bench/results/<scenario>.json and .png; the doc is rebuilt from every
 record there, so ``--only`` refreshes one section and keeps the others.
@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import gevent
 
-from bench import callers, common, latency, overload, payloads, report, scaling, security, throughput
+from bench import callers, common, dashboard, latency, overload, payloads, report, scaling, security, throughput
 
 SCENARIOS = {
     "throughput": throughput.run,
@@ -33,6 +33,7 @@ SCENARIOS = {
     "payloads": payloads.run,
     "security": security.run,
     "callers": callers.run,
+    "dashboard": dashboard.run,
 }
 
 

@@ -1,0 +1,501 @@
+"""The live dashboard (``--dashboard-port``): a web page at ``/`` and its facts at ``/api/status``.
+
+The page (``dashboard.html``, one file with inline CSS, JavaScript and SVG charts, nothing
+fetched from elsewhere) polls ``/api/status`` once a second. That JSON is the server's
+``status()`` plus what only the dashboard keeps:
+
+- a :class:`Recorder` the manager and the pool call as tasks leave the queue and come back
+  (wait and run time percentiles) and as workers leave (lost or drained);
+- a five-minute ring buffer of the server's counters, sampled every second, so a page
+  opened now already has history (:class:`History`);
+- each worker's tasks/s, from the same samples.
+
+Everything runs in the server's own gevent hub, served by gevent's WSGI server. Requests
+are few and cheap: a page costs the server one small response a second and nothing in
+between (no long-lived requests). Every HTTP connection has a deadline and their number is capped, so a slow or
+idle client cannot hold the server; the peer rules are the server's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import gevent
+import gevent.pool
+import gevent.pywsgi
+import psutil
+
+from argon import defaults
+from argon.security import is_loopback
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).with_name("dashboard.html")
+#: Counters the history keeps, one column each, sampled every second (``busy``: the
+#: average over that second).
+HISTORY_FIELDS = ("completed", "failed", "rejected", "redelivered", "queued", "busy", "capacity")
+#: Worker-row fields that are too bulky for a page refreshed every second.
+_BULKY = ("processes",)
+
+StartResponse = Callable[..., Any]
+
+
+class Recorder:
+    """What the dashboard learns as it happens: task wait and run times, departed workers.
+
+    The server calls it with one line at each point: :meth:`started` when a task leaves
+    the queue, :meth:`finished` when its reply comes back, :meth:`departed` when a
+    worker goes. Each costs a clock read, a ``deque.append`` and a little arithmetic.
+
+    The same two calls count busy processes up and down over time, so that the dashboard
+    can chart the average number busy over each second: the count at the moment of a
+    sample says little when tasks are short (all of them busy, or none, by chance).
+
+    Args:
+        keep: Most recent tasks whose times are kept (for the percentiles).
+        clock: Monotonic seconds (tests pass their own).
+    """
+
+    def __init__(self, keep: int = defaults.DASHBOARD_SAMPLES, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.waits: deque[tuple[float, float]] = deque(maxlen=keep)
+        self.runs: deque[tuple[float, float]] = deque(maxlen=keep)
+        self.gone: deque[dict[str, Any]] = deque(maxlen=defaults.DASHBOARD_DEPARTED)
+        self._busy = 0  # tasks out (counted here; reset from the server's figure at each sample)
+        self._capacity = 1 << 30  # ... of which at most this many count as busy (tasks beyond wait)
+        self._busy_area = 0.0  # busy processes x seconds since the last sample
+        self._busy_since = self._sampled = clock()
+
+    def started(self, arrived: float) -> float:
+        """A task that arrived at ``arrived`` (monotonic) leaves the queue now; returns now."""
+        now = self.clock()
+        self.waits.append((now, now - arrived))
+        busy = self._busy
+        self._busy_area += (busy if busy < self._capacity else self._capacity) * (now - self._busy_since)
+        self._busy_since = now
+        self._busy += 1
+        return now
+
+    def finished(self, started: float) -> None:
+        """The reply to a task that left the queue at ``started`` (monotonic) is in."""
+        now = self.clock()
+        self.runs.append((now, now - started))
+        busy = self._busy
+        if busy:  # (a task of a lost worker may reply after the count was reset)
+            self._busy_area += (busy if busy < self._capacity else self._capacity) * (now - self._busy_since)
+            self._busy_since = now
+            self._busy -= 1
+
+    def busy_average(self, busy_now: int, capacity: int) -> float:
+        """Average busy processes since the previous call; then count on from ``busy_now``.
+
+        Tasks sent beyond ``capacity`` wait in a worker's prefetch and count as nothing.
+        Restarting from the server's own figures each time corrects what the counting
+        cannot see (tasks of a lost worker, tasks handed back), so an error lasts one
+        sample at most.
+        """
+        now = self.clock()
+        area = self._busy_area + min(self._busy, self._capacity) * (now - self._busy_since)
+        elapsed = now - self._sampled
+        self._busy, self._busy_area, self._busy_since, self._sampled = busy_now, 0.0, now, now
+        self._capacity = capacity
+        return area / elapsed if elapsed > 0 else float(busy_now)
+
+    def departed(self, row: dict[str, Any], lost: bool) -> None:
+        """A worker (its last ``status()`` row) left: drained (``lost=False``) or lost."""
+        kept = {k: v for k, v in row.items() if k not in _BULKY}
+        self.gone.append({**kept, "busy": 0, "state": "lost" if lost else "left", "since": time.time()})
+
+    def timings(self, window: float = defaults.DASHBOARD_WINDOW) -> dict[str, Any]:
+        """Wait and run time percentiles (seconds) of the tasks of the last ``window`` seconds."""
+        since = self.clock() - window
+        return {"window": window, "wait": percentiles(self.waits, since), "run": percentiles(self.runs, since)}
+
+    def departed_since(self, window: float = defaults.DASHBOARD_WINDOW) -> list[dict[str, Any]]:
+        """Workers that left in the last ``window`` seconds, most recent first."""
+        since = time.time() - window
+        return [row for row in reversed(self.gone) if row["since"] >= since]
+
+
+def percentiles(samples: Iterable[tuple[float, float]], since: float) -> dict[str, Any]:
+    """p50, p95 and p99 (nearest rank) of the values of ``(when, value)`` samples taken at or after ``since``."""
+    values = sorted(value for when, value in samples if when >= since)
+    out: dict[str, Any] = {"count": len(values)}
+    for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+        out[name] = values[max(0, math.ceil(q * len(values)) - 1)] if values else None
+    return out
+
+
+class CpuMeter:
+    """CPU use of some processes, as a percentage of one core, between successive readings."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, float] | None = None
+        self._value = 0.0
+
+    def read(self, pids: Iterable[int]) -> float:
+        """CPU use since the previous reading (readings closer than a second apart repeat it)."""
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < 1.0:
+            return self._value
+        total = 0.0
+        for pid in pids:
+            try:
+                times = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                continue  # a pool process that just exited
+            total += times.user + times.system
+        if self._last is not None:
+            # A replaced pool process takes its CPU time with it; never report less than 0.
+            self._value = round(max(0.0, 100 * (total - self._last[1]) / (now - self._last[0])), 1)
+        self._last = (now, total)
+        return self._value
+
+
+class Watched(Protocol):
+    """What the dashboard needs of a server (a manager or a worker)."""
+
+    @property
+    def config(self) -> Any:  # noqa: D102 - key, insecure, tls, handshake_timeout
+        ...
+
+    @property
+    def recorder(self) -> Recorder:  # noqa: D102
+        ...
+
+    def status(self) -> dict[str, Any]:  # noqa: D102
+        ...
+
+    def oldest_arrival(self) -> float | None:  # noqa: D102 - monotonic arrival of the oldest queued task
+        ...
+
+
+class History:
+    """The server's counters, one row a second for the last five minutes, and worker rates."""
+
+    def __init__(self, length: int = int(defaults.DASHBOARD_WINDOW)) -> None:
+        self.rows: deque[tuple[float, ...]] = deque(maxlen=length)
+        self.taken = 0  # samples taken so far
+        self._done: dict[str, deque[tuple[float, int]]] = {}
+
+    def add(self, status: dict[str, Any], busy: float | None = None) -> None:
+        """Record one sample of ``status``, with ``busy`` (if given) in place of its ``busy``."""
+        now = time.time()
+        self.taken += 1
+        values = status if busy is None else {**status, "busy": busy}
+        self.rows.append((round(now, 2), *(values.get(name) or 0 for name in HISTORY_FIELDS)))
+        seen = set()
+        for row in status["workers"]:
+            worker = str(row["id"])
+            seen.add(worker)
+            self._done.setdefault(worker, deque(maxlen=defaults.DASHBOARD_RATE_SAMPLES)).append(
+                (now, row["completed"] + row["failed"])
+            )
+        for worker in self._done.keys() - seen:
+            del self._done[worker]
+
+    def rate(self, worker: str) -> float:
+        """Tasks per second ``worker`` finished over its last few samples."""
+        samples = self._done.get(worker)
+        if not samples or len(samples) < 2:
+            return 0.0
+        (then, before), (now, after) = samples[0], samples[-1]
+        return round((after - before) / (now - then), 1) if now > then else 0.0
+
+    def columns(self) -> dict[str, list[float]]:
+        """The samples as columns: ``time`` (Unix seconds) and one per counter."""
+        names = ("time", *HISTORY_FIELDS)
+        if not self.rows:
+            return {name: [] for name in names}
+        return {name: list(column) for name, column in zip(names, zip(*self.rows, strict=True), strict=True)}
+
+
+def _plain(value: Any) -> Any:
+    """``json.dumps`` fallback: status records become dicts, anything else its text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+class Dashboard:
+    """The WSGI application: ``/`` (the page) and ``/api/status`` (its facts), read-only."""
+
+    def __init__(self, server: Watched, page: bytes | None = None) -> None:
+        self.server = server
+        self.history = History()
+        self.peers: list[dict[str, str]] = []  # other managers' dashboards, once there are several
+        self.page = PAGE.read_bytes() if page is None else page
+        self.policy = content_policy(self.page.decode())
+        self._slow: tuple[int, bytes] = (-1, b"")
+
+    def sample(self) -> None:
+        """Take one history sample (called every second)."""
+        status = dict(self.server.status())
+        top = max(status["capacity"], status["busy"])  # draining workers' tasks are busy, not capacity
+        self.history.add(status, round(self.server.recorder.busy_average(status["busy"], top), 2))
+
+    def figures(self) -> dict[str, Any]:
+        """``status()`` now, with worker rates and states, departed workers and the queue's age."""
+        server = self.server
+        status = dict(server.status())
+        config = server.config
+        oldest = server.oldest_arrival()
+        workers = []
+        registered = {row["id"] for row in status["workers"]}
+        for row in status["workers"]:
+            row = {k: v for k, v in row.items() if k not in _BULKY}
+            row["rate"] = self.history.rate(str(row["id"]))
+            row["state"] = "draining" if row.get("draining") else "ok"
+            workers.append(row)
+        return {
+            **status,
+            "workers": workers,
+            "departed": [row for row in server.recorder.departed_since() if row["id"] not in registered],
+            "oldest_queued": round(time.monotonic() - oldest, 3) if oldest is not None else None,
+            "security": {"key": config.key is not None, "tls": config.tls is not None, "insecure": config.insecure},
+            "peers": self.peers,
+            "time": round(time.time(), 3),
+        }
+
+    def _per_sample(self) -> bytes:
+        """The timings and the history as JSON members, built at most once per history sample.
+
+        They are the costly part of a response (sorting thousands of task times, encoding
+        five minutes of samples) and change that slowly, so every poll within a second
+        shares one build, however many pages are open.
+        """
+        taken, fragment = self._slow
+        if taken != self.history.taken:
+            slow = {
+                "timings": self.server.recorder.timings(),
+                "history": {"interval": defaults.DASHBOARD_INTERVAL, **self.history.columns()},
+            }
+            fragment = json.dumps(slow, separators=(",", ":"))[1:-1].encode()  # without its braces
+            self._slow = (self.history.taken, fragment)
+        return fragment
+
+    def status_json(self) -> bytes:
+        """What ``/api/status`` returns: :meth:`figures` plus ``timings`` and ``history``, as JSON."""
+        fresh = json.dumps(self.figures(), separators=(",", ":"), default=_plain).encode()
+        return fresh[:-1] + b"," + self._per_sample() + b"}"
+
+    def refusal(self, environ: dict[str, Any]) -> str | None:
+        """Why this request is refused under the server's peer rules, or None to serve it.
+
+        Without a key (and without ``--insecure``) only loopback peers are served, and only
+        when they asked for a loopback name: a web page elsewhere cannot read this one by
+        pointing a name of its own at 127.0.0.1 (DNS rebinding).
+        """
+        config = self.server.config
+        if config.key is not None or config.insecure:
+            return None
+        peer = environ.get("REMOTE_ADDR", "")
+        if not is_loopback(peer):
+            return (
+                f"{peer} is not a loopback address: without a key this dashboard serves this"
+                " machine only (start the server with --key FILE or --insecure to open it)"
+            )
+        host = str(environ.get("HTTP_HOST", ""))
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+        if name != "localhost" and not is_loopback(name):
+            return f"the Host header {host!r} does not name a loopback address"
+        return None
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        """Serve one request."""
+        method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
+        why = self.refusal(environ)
+        if why is not None:
+            log.warning("dashboard: refusing %s: %s", environ.get("REMOTE_ADDR"), why)
+            return _respond(start_response, "403 Forbidden", why.encode(), "text/plain", method)
+        if path not in ("/", "/api/status"):
+            return _respond(start_response, "404 Not Found", b"not found\n", "text/plain", method)
+        if method not in ("GET", "HEAD"):
+            return _respond(start_response, "405 Method Not Allowed", b"read-only\n", "text/plain", method,
+                            [("Allow", "GET, HEAD")])
+        if path == "/":
+            return _respond(start_response, "200 OK", self.page, "text/html", method,
+                            [("Content-Security-Policy", self.policy)])
+        return _respond(start_response, "200 OK", self.status_json(), "application/json", method)
+
+
+def _respond(
+    start_response: StartResponse,
+    status: str,
+    body: bytes,
+    kind: str,
+    method: str,
+    extra: list[tuple[str, str]] | None = None,
+) -> Iterator[bytes]:
+    headers = [
+        ("Content-Type", f"{kind}; charset=utf-8"),
+        ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "no-referrer"),
+        ("X-Frame-Options", "DENY"),
+        *(extra or []),
+    ]
+    headers.append(("Content-Length", str(len(body))))  # for HEAD too: the length a GET would get
+    start_response(status, headers)
+    return iter([b""] if method == "HEAD" else [body])
+
+
+def content_policy(page: str) -> str:
+    """A Content-Security-Policy that allows only the page's own inline script and style.
+
+    Hashes rather than ``'unsafe-inline'``: a worker's name that somehow reached the page
+    as markup still could not run a script.
+    """
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')};"
+        " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+class HeadersTooLarge(ValueError):
+    """A request's headers exceed ``DASHBOARD_MAX_HEADERS`` bytes."""
+
+
+_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+class _Handler(gevent.pywsgi.WSGIHandler):
+    """One HTTP connection: each request (and each wait for the next) has a deadline."""
+
+    server: DashboardServer
+
+    def MessageClass(self, rfile: Any, *args: Any) -> Any:  # noqa: N802 - pywsgi's name
+        """Read the request headers, refusing more than ``DASHBOARD_MAX_HEADERS`` bytes of them."""
+        limit = defaults.DASHBOARD_MAX_HEADERS
+        head = bytearray()
+        while True:
+            line = rfile.readline(limit + 1 - len(head))
+            head += line
+            if len(head) > limit:
+                raise HeadersTooLarge(f"request headers larger than {limit} bytes")
+            if line in (b"\r\n", b"\n", b""):
+                return gevent.pywsgi.headers_factory(io.BytesIO(bytes(head)), *args)
+
+    def _handle_client_error(self, ex: Exception) -> Any:
+        if isinstance(ex, HeadersTooLarge):
+            log.info("dashboard: refusing a request from %s: %s", self.client_address[0], ex)
+            return ("431", _TOO_LARGE)
+        return super()._handle_client_error(ex)
+
+    def handle_one_request(self) -> Any:
+        """Serve one request, or close the connection when it takes too long."""
+        with gevent.Timeout(self.server.request_timeout, False):
+            result = super().handle_one_request()
+            if isinstance(result, tuple):  # a refused request: answer, then close gently
+                self._answer_and_drain(result[1])
+                return None
+            return result
+        return None  # too slow, or idle too long between requests: close
+
+    def _answer_and_drain(self, response: bytes) -> None:
+        """Send an error response, then read (a bounded amount of) what the client still sends.
+
+        Closing a socket with unread input resets the connection, and the client may then
+        lose the response: it would see a reset instead of, say, 431.
+        """
+        sock = self.socket
+        try:
+            sock.sendall(response)
+            sock.shutdown(socket.SHUT_WR)
+            left = 64 * defaults.DASHBOARD_MAX_HEADERS
+            while left > 0 and (chunk := sock.recv(min(left, 65536))):
+                left -= len(chunk)
+        except OSError:
+            pass  # the client went first
+
+
+class DashboardServer(gevent.pywsgi.WSGIServer):
+    """gevent's WSGI server with deadlines, a connection cap and the server's TLS."""
+
+    def __init__(self, address: tuple[str, int], app: Dashboard, tls: ssl.SSLContext | None,
+                 request_timeout: float) -> None:
+        super().__init__(
+            address,
+            app,
+            handler_class=_Handler,
+            spawn=gevent.pool.Pool(defaults.DASHBOARD_CONNECTIONS),
+            log=None,
+            error_log=gevent.pywsgi.LoggingLogAdapter(log, logging.INFO),
+            # Naming the host ourselves spares pywsgi a getfqdn(), which would start
+            # gevent's resolver threads in a process that forks.
+            environ={"SERVER_NAME": address[0], "wsgi.url_scheme": "https" if tls else "http"},
+        )
+        self.tls = tls
+        self.request_timeout = request_timeout
+        self.dashboard = app
+        self._sampler: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        """Listen, and start sampling the server's counters every second."""
+        super().start()
+        self._sampler = gevent.spawn(self._sample)
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                self.dashboard.sample()
+            except Exception:  # a bad sample must not end the history
+                log.exception("dashboard: cannot sample the server's status")
+            gevent.sleep(defaults.DASHBOARD_INTERVAL)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop sampling and serving."""
+        if self._sampler is not None:
+            self._sampler.kill(block=False)
+        super().stop(timeout)
+
+    def handle(self, sock: Any, address: tuple[Any, ...]) -> None:
+        """Serve one connection: no single read or write may wait past the deadline."""
+        sock.settimeout(self.request_timeout)
+        if self.tls is not None:
+            try:
+                with gevent.Timeout(self.request_timeout):
+                    sock = self.tls.wrap_socket(sock, server_side=True)
+            except (OSError, gevent.Timeout) as exc:
+                log.info("dashboard: TLS handshake with %s failed: %s", address[0], exc)
+                sock.close()
+                return
+        super().handle(sock, address)
+
+    @property
+    def url(self) -> str:
+        """Where the page is served."""
+        host = self.address[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.server_port}/"
+
+
+def serve_dashboard(server: Watched, host: str, port: int) -> DashboardServer:
+    """Start serving ``server``'s dashboard on ``host:port`` (port 0: any) and return the HTTP server.
+
+    Raises:
+        OSError: The port cannot be bound.
+    """
+    config = server.config
+    http = DashboardServer((host, port), Dashboard(server), config.tls, config.handshake_timeout)
+    http.start()
+    return http
