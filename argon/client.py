@@ -53,6 +53,7 @@ from argon.errors import (
     AuthenticationError,
     ConnectionLost,
     MessageTooLarge,
+    NoWorkers,
     ProtocolError,
     ShuttingDown,
     TaskTimeout,
@@ -489,16 +490,16 @@ class Client:
             return
         self._submit(deferred)
 
-    def _pick(self) -> _Link | None:
-        """The live link holding the fewest of this client's tasks."""
+    def _pick(self, avoid: _Link | None = None) -> _Link | None:
+        """The live link holding the fewest of this client's tasks (other than ``avoid``)."""
         best = None
         for link in self._links:
-            if link.up and (best is None or len(link.held) < len(best.held)):
+            if link.up and link is not avoid and (best is None or len(link.held) < len(best.held)):
                 best = link
         return best
 
-    def _send(self, deferred: Deferred) -> None:
-        link = self._pick()
+    def _send(self, deferred: Deferred, avoid: _Link | None = None) -> None:
+        link = self._pick(avoid)
         if link is not None and link.conn is not None:
             try:
                 link.conn.send(deferred.msg)
@@ -566,8 +567,21 @@ class Client:
         elif msg.error == "TaskCancelled" and deferred._cancel_verdict is not None:
             self._forget(deferred)
             deferred.drop()
+        elif msg.error == NoWorkers.__name__ and self._elsewhere(deferred):
+            # That manager has no workers, another one is up: send the task there instead.
+            deferred.resends += 1
+            failed = deferred.link
+            self._forget_link(deferred)
+            deferred.move(QUEUED)
+            self._send(deferred, avoid=failed)
         else:
             self._finish(msg.id, msg)
+
+    def _elsewhere(self, deferred: Deferred) -> bool:
+        """Whether another live link could take a task its link could not run."""
+        if deferred.resends >= defaults.MAX_RESENDS:
+            return False
+        return any(link.up and link is not deferred.link for link in self._links)
 
     def _delay(self, deferred: Deferred) -> float:
         used = self.retries - deferred.retries

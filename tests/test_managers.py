@@ -293,3 +293,19 @@ def test_status_counts_a_worker_shared_by_two_managers_once(net):
     assert network["workers"] == 1 and network["capacity"] == 2
     assert network["busy"] == 2, "two processes run two tasks, whichever managers sent them"
     assert [d(timeout=60) for d in deferreds] == [0, 0, 1, 1]
+
+
+@pytest.mark.timeout(120)
+def test_a_task_refused_for_lack_of_workers_goes_to_a_manager_that_has_them(net):
+    empty = net.manager("--worker-wait", "0.5")  # no worker will ever register here
+    busy = net.manager()
+    net.worker(busy, processes=2)
+    with Client(busy.address) as c:
+        net.wait_workers(c, 1)
+    with Client(empty.address) as c:
+        wait_for(lambda: c.status().get("no_workers_for", 0) > 0.6, 10, what="the empty manager's worker wait")
+    with Client([empty.address, busy.address]) as client:
+        results = [d(timeout=30) for d in [client.defer(nap, [i, 0.0]) for i in range(40)]]
+        assert results == list(range(40))  # none failed with NoWorkers
+    with Client(empty.address) as c:
+        assert c.status()["completed"] == 0
