@@ -170,3 +170,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="module")
+def shared_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A manager with one 2-process worker, shared by one test module: its ``host:port``."""
+    network = Network(tmp_path_factory.mktemp("shared"))
+    try:
+        manager = network.manager()
+        network.worker(manager, processes=2)
+        with Client(manager.address) as client:
+            network.wait_workers(client, 1)
+        yield manager.address
+    finally:
+        network.close()

@@ -19,7 +19,7 @@ import pytest
 import argon
 from argon import Client, TaskTimeout
 
-from conftest import Network, wait_for
+from conftest import wait_for
 
 
 def _tasks():
@@ -48,16 +48,8 @@ mul, capture, nap, make_thing = _tasks()
 
 
 @pytest.fixture(scope="module")
-def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    net = Network(tmp_path_factory.mktemp("executor"))
-    try:
-        manager = net.manager()
-        net.worker(manager, processes=2)
-        with Client(manager.address) as client:
-            net.wait_workers(client, 1)
-        yield manager.address
-    finally:
-        net.close()
+def address(shared_address: str) -> str:
+    return shared_address
 
 
 @pytest.fixture

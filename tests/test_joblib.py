@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterator
 
 import psutil
 import pytest
 
 from argon import Client
-
-from conftest import Network
 
 joblib = pytest.importorskip("joblib")
 argon_joblib = pytest.importorskip("argon.joblib")
@@ -41,16 +38,8 @@ def registered() -> None:
 
 
 @pytest.fixture(scope="module")
-def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    net = Network(tmp_path_factory.mktemp("joblib"))
-    try:
-        manager = net.manager()
-        net.worker(manager, processes=2)
-        with Client(manager.address) as client:
-            net.wait_workers(client, 1)
-        yield manager.address
-    finally:
-        net.close()
+def address(shared_address: str) -> str:
+    return shared_address
 
 
 @pytest.mark.timeout(120)

@@ -14,9 +14,6 @@ from collections.abc import Iterator
 import pytest
 
 import argon
-from argon import Client
-
-from conftest import Network
 
 
 def _tasks():
@@ -56,16 +53,8 @@ def local_mul(x, y):
 
 
 @pytest.fixture(scope="module")
-def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    net = Network(tmp_path_factory.mktemp("mppool"))
-    try:
-        manager = net.manager()
-        net.worker(manager, processes=2)
-        with Client(manager.address) as client:
-            net.wait_workers(client, 1)
-        yield manager.address
-    finally:
-        net.close()
+def address(shared_address: str) -> str:
+    return shared_address
 
 
 @pytest.fixture
