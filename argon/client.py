@@ -56,6 +56,8 @@ from argon.errors import (
     NoWorkers,
     ProtocolError,
     ShuttingDown,
+    TaskCancelled,
+    TaskRejected,
     TaskTimeout,
 )
 from argon.loop import NetworkLoop, wait_future
@@ -559,12 +561,12 @@ class Client:
         deferred = self._pending.get(msg.id)
         if deferred is None:
             return
-        if msg.error == "TaskRejected" and deferred.retries > 0:
+        if msg.error == TaskRejected.__name__ and deferred.retries > 0:
             deferred.retries -= 1
             self._forget_link(deferred)
             deferred.move(BACKOFF)
             gevent.spawn_later(self._delay(deferred), self._retry, deferred)
-        elif msg.error == "TaskCancelled" and deferred._cancel_verdict is not None:
+        elif msg.error == TaskCancelled.__name__ and deferred._cancel_verdict is not None:
             self._forget(deferred)
             deferred.drop()
         elif msg.error == NoWorkers.__name__ and self._elsewhere(deferred):
