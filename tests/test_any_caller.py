@@ -45,23 +45,9 @@ def _tasks():
 nap, square, boom = _tasks()
 
 
-@pytest.fixture(scope="module")
-def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Network, str]]:
-    """A manager with one 2-process worker, shared by this module's tests."""
-    net = Network(tmp_path_factory.mktemp("any-caller"))
-    try:
-        manager = net.manager()
-        net.worker(manager, processes=2)
-        with Client(manager.address) as client:
-            net.wait_workers(client, 1)
-        yield net, manager.address
-    finally:
-        net.close()
-
-
 @pytest.fixture
-def client(network: tuple[Network, str]) -> Iterator[Client]:
-    with Client(network[1]) as c:
+def client(shared_address: str) -> Iterator[Client]:
+    with Client(shared_address) as c:
         yield c
 
 
@@ -248,8 +234,8 @@ def test_bad_input_is_refused_cleanly(client):
 
 
 @pytest.mark.timeout(60)
-def test_calls_after_close_fail_clearly(network):
-    client = Client(network[1])
+def test_calls_after_close_fail_clearly(shared_address):
+    client = Client(shared_address)
     client.close()
     with pytest.raises(ConnectionError, match="closed"):
         client.defer(square, [1])
@@ -258,9 +244,9 @@ def test_calls_after_close_fail_clearly(network):
 
 
 @pytest.mark.timeout(60)
-def test_client_address_forms(network):
-    host, port = network[1].rsplit(":", 1)
-    for form in (network[1], [network[1]], {"host": host, "port": int(port)}):
+def test_client_address_forms(shared_address):
+    host, port = shared_address.rsplit(":", 1)
+    for form in (shared_address, [shared_address], {"host": host, "port": int(port)}):
         with Client(**form) if isinstance(form, dict) else Client(form) as c:
             assert c.queue(square, [4]) == 16
     assert parse_addresses("a:1,b:2") == [("a", 1), ("b", 2)]
@@ -271,13 +257,13 @@ def test_client_address_forms(network):
 
 
 @pytest.mark.timeout(90)
-def test_a_monkey_patched_program_keeps_the_client_on_its_hub(network, tmp_path):
+def test_a_monkey_patched_program_keeps_the_client_on_its_hub(shared_address, tmp_path):
     script = tmp_path / "patched.py"
     script.write_text(textwrap.dedent(f"""
         from gevent import monkey; monkey.patch_all()
         import threading, concurrent.futures
         from argon import Client
-        with Client({network[1]!r}) as client:
+        with Client({shared_address!r}) as client:
             assert client._loop.thread is None, "patched: no thread of its own"
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 out = list(pool.map(lambda i: client.queue(lambda x: x + 1, [i]), range(40)))
@@ -289,9 +275,9 @@ def test_a_monkey_patched_program_keeps_the_client_on_its_hub(network, tmp_path)
 
 
 @pytest.mark.timeout(60)
-def test_unpatched_client_runs_its_loop_in_a_thread_and_stops_it(network):
+def test_unpatched_client_runs_its_loop_in_a_thread_and_stops_it(shared_address):
     before = threading.active_count()
-    client = Client(network[1])
+    client = Client(shared_address)
     assert client._loop.thread is not None and client._loop.thread.daemon
     assert client.queue(square, [5]) == 25
     client.close()
