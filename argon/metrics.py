@@ -101,6 +101,7 @@ def serve_metrics(server: Server, host: str, port: int) -> gevent.pywsgi.WSGISer
     server.latency = histogram
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ServerCollector(server, histogram))  # type: ignore[arg-type]
-    http = gevent.pywsgi.WSGIServer((host, port), make_wsgi_app(registry), log=None)
+    # Naming the host spares pywsgi a getfqdn(), which would start gevent's resolver threads.
+    http = gevent.pywsgi.WSGIServer((host, port), make_wsgi_app(registry), log=None, environ={"SERVER_NAME": host})
     http.start()
     return http

@@ -180,6 +180,10 @@ def render(status: dict[str, Any]) -> str:
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     if len(rows) == 1:
         lines.append("(no workers registered)")
+    idle = status.get("no_workers_for")
+    if idle is not None:  # a manager's own figure: how long tasks have had nowhere to go
+        wait = status.get("worker_wait")
+        lines.append(f"no worker for {_duration(idle)}" + (f" (tasks fail after {wait:g}s)" if wait else ""))
     limit = status.get("queue_size")
     lines.append(
         f"capacity {status['capacity']}  busy {status['busy']}  prefetched {status.get('prefetched', 0)}"

@@ -50,6 +50,7 @@ from argon.protocol import (
 )
 from argon.security import server_handshake
 from argon.server import ServerConfig
+from argon.status import render
 from argon.worker import Worker, WorkerConfig
 
 from conftest import wait_for
@@ -375,10 +376,12 @@ def test_tasks_fail_with_no_workers_after_the_worker_wait(net):
         client.queue(lambda: "never")
     assert time.monotonic() - started < 1.0
     assert client.status()["no_workers_for"] >= 1.5
+    assert re.search(r"^no worker for [1-9]\d*s \(tasks fail after 1\.5s\)$", render(client.status()), re.M)
     worker = net.worker(manager, processes=1)
     net.wait_workers(client, 1)
     assert client.queue(lambda: "served") == "served"
     assert client.status()["no_workers_for"] is None
+    assert "no worker for" not in render(client.status())
     worker.kill()  # the only worker is gone: queued tasks wait --worker-wait again, then fail
     wait_for(lambda: client.status()["workers"] == [], what="the worker to be dropped")
     started = time.monotonic()
