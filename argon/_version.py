@@ -1,3 +1,3 @@
 """The package version, kept apart so every module can import it without cycles."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
