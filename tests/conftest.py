@@ -152,6 +152,14 @@ class Network:
             process.kill()
 
 
+def make_key(path: Path) -> Path:
+    """Write a new key to ``path`` with ``argon keygen`` (as a user would) and return the path."""
+    made = gevent.subprocess.run([sys.executable, str(ARGON), "keygen", str(path)], env=child_env(),
+                                 capture_output=True, timeout=30, check=False)
+    assert made.returncode == 0, made.stderr.decode()
+    return path
+
+
 @pytest.fixture
 def net(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Network]:
     """A :class:`Network` whose processes are killed when the test ends."""

@@ -22,7 +22,7 @@ from argon import LocalCluster
 from argon.dashboard import Recorder, percentiles
 from argon.testing import read_ready
 
-from conftest import ARGON, ArgonProcess, Network, child_env, wait_for
+from conftest import ArgonProcess, Network, child_env, make_key, wait_for
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -335,9 +335,7 @@ def _trickle(sock: Any, data: bytes) -> None:
 
 @pytest.mark.timeout(60)
 def test_with_a_key_any_host_name_is_served(net: Network, tmp_path: Path):
-    key = tmp_path / "argon.key"
-    gevent.subprocess.run([str(ARGON), "keygen", str(key)], env=child_env(), check=True, capture_output=True,
-                          timeout=30)
+    key = make_key(tmp_path / "argon.key")
     manager = net.manager("--dashboard-port", "0", "--key", str(key))
     address = dashboard_of(manager)
     with gevent.socket.create_connection(address, timeout=10) as sock:

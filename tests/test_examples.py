@@ -15,7 +15,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import gevent.subprocess
 import psutil
 import pytest
 
-from conftest import ARGON, REPO, child_env
+from conftest import REPO, child_env, make_key
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -351,10 +350,7 @@ def test_example_with_connect(net, tmp_path, name):
 
 @pytest.fixture
 def key(tmp_path):
-    path = tmp_path / "argon.key"
-    subprocess.run([sys.executable, str(ARGON), "keygen", str(path)], check=True, env=child_env(),
-                   capture_output=True, timeout=60)
-    return path
+    return make_key(tmp_path / "argon.key")
 
 
 def test_example_with_connect_and_key_file(net, key):

@@ -24,7 +24,6 @@ import dataclasses
 import random
 import re
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,7 +67,7 @@ from argon.protocol import (
 )
 from argon.security import MAC_BYTES, MAX_LINE, FrameSigner, Session, client_handshake, load_key_file
 
-from conftest import ARGON, ArgonProcess, Network, child_env, wait_for
+from conftest import ArgonProcess, Network, make_key, wait_for
 
 MAX_FRAME = defaults.MAX_FRAME
 IO_TIMEOUT = 5.0  # no read may block longer than this: a server that neither answers nor closes is hung
@@ -567,11 +566,7 @@ def make_rig(net: Network) -> Iterator[Callable[..., Rig]]:
 @pytest.fixture
 def key_file(tmp_path: Path) -> Path:
     """A key made by ``argon keygen``."""
-    path = tmp_path / "argon.key"
-    done = gevent.subprocess.run([sys.executable, str(ARGON), "keygen", str(path)], env=child_env(),
-                                 capture_output=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    return path
+    return make_key(tmp_path / "argon.key")
 
 
 # -- the frame decoder, in process ---------------------------------------------------------------------

@@ -24,6 +24,7 @@ kernels built without ``sch_netem``.
 from __future__ import annotations
 
 import ast
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ import pytest
 
 from argon import ArgonError, AuthenticationError, Client, defaults
 
-from conftest import ARGON, child_env, wait_for
+from conftest import child_env, make_key, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -126,27 +127,34 @@ def rows_by_host(client: Client) -> dict[str, dict[str, Any]]:
     return {w["address"].rsplit(":", 1)[0]: w for w in client.status()["workers"]}
 
 
-@pytest.fixture
-def lan(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lan]:
-    """Three host namespaces on a bridge, a key file; everything removed afterwards."""
+@contextlib.contextmanager
+def testbed(tmp_path: Path, request: pytest.FixtureRequest, **hosts: Any) -> Iterator[tuple[netns.Testbed, Path]]:
+    """Host namespaces on a bridge and a key file; all removed afterwards (and checked to be)."""
     reason = netns.unavailable_reason()
     if reason:
         pytest.skip(reason)
-    key = tmp_path / "argon.key"
-    made = gevent.subprocess.run([str(ARGON), "keygen", str(key)], env=child_env(), capture_output=True,
-                                 timeout=30, check=False)
-    assert made.returncode == 0, made.stderr.decode()
-    bed = netns.Testbed(tmp_path, child_env())
-    network = Lan(bed, key)
+    key = make_key(tmp_path / "argon.key")
+    bed = netns.Testbed(tmp_path, child_env(), **hosts)
     try:
-        yield network
+        yield bed, key
     finally:
         report = getattr(request.node, "rep_call", None)
         if report is not None and report.failed:
             print(bed.logs())
-        network.close()
+        bed.close()
         assert bed.leftovers() == [], "namespaces or links survived the teardown"
         assert netns.ip("-4", "-o", "addr", "show", "to", str(bed.subnet)) == ""
+
+
+@pytest.fixture
+def lan(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lan]:
+    """Three host namespaces (a manager, two workers) on a bridge, and a key file."""
+    with testbed(tmp_path, request) as (bed, key):
+        network = Lan(bed, key)
+        try:
+            yield network
+        finally:
+            network.close()
 
 
 # -- tasks across hosts ---------------------------------------------------------------------
@@ -368,23 +376,9 @@ MANAGER_HOSTS = ("manager1", "manager2", "manager3")
 
 @pytest.fixture
 def three_managers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[netns.Testbed, Path]]:
-    """Three manager hosts and two worker hosts on a bridge, and a key file; all removed afterwards."""
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    key = tmp_path / "argon.key"
-    made = gevent.subprocess.run([str(ARGON), "keygen", str(key)], env=child_env(), capture_output=True,
-                                 timeout=30, check=False)
-    assert made.returncode == 0, made.stderr.decode()
-    bed = netns.Testbed(tmp_path, child_env(), hosts=(*MANAGER_HOSTS, "worker1", "worker2"))
-    try:
-        yield bed, key
-    finally:
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(bed.logs())
-        bed.close()
-        assert bed.leftovers() == [], "namespaces or links survived the teardown"
+    """Three manager hosts and two worker hosts on a bridge, and a key file."""
+    with testbed(tmp_path, request, hosts=(*MANAGER_HOSTS, "worker1", "worker2")) as made:
+        yield made
 
 
 @pytest.mark.timeout(180)
