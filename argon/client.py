@@ -45,7 +45,7 @@ import gevent.monkey
 
 from argon import backoff, defaults
 from argon.backoff import Backoff
-from argon.connection import Connection, connect
+from argon.connection import Connection
 from argon.deferred import Deferred, RequestState, Signal
 from argon.errors import (
     TASK_ERRORS,
@@ -60,6 +60,7 @@ from argon.errors import (
     TaskRejected,
     TaskTimeout,
 )
+from argon.handshake import connect
 from argon.loop import NetworkLoop, wait_future
 from argon.protocol import Bye, Cancel, Failure, Message, NotCancelled, Result, StatusReply, StatusRequest, Task
 from argon.security import as_client_tls, resolve_key

@@ -24,8 +24,9 @@ from gevent.server import StreamServer
 
 from argon import defaults
 from argon._version import __version__
-from argon.connection import Connection, accept
+from argon.connection import Connection
 from argon.errors import ArgonError, ConnectionLost, ProtocolError, ShuttingDown, TaskRejected
+from argon.handshake import accept
 from argon.protocol import Bye, Cancel, Failure, Message, NotCancelled, Result, StatusReply, StatusRequest, Task
 from argon.security import BUSY, SHUTTING_DOWN, is_loopback, refuse
 

@@ -41,10 +41,11 @@ import psutil
 
 from argon import defaults
 from argon.backoff import Backoff
-from argon.connection import Connection, connect
+from argon.connection import Connection
 from argon.dashboard import CpuMeter, Recorder
 from argon.errors import ArgonError, ConnectionLost, ProtocolError, TaskCancelled
 from argon.flow import Prefetch, offers
+from argon.handshake import connect
 from argon.pool import Job, Pool, Reply
 from argon.protocol import (
     Bye,

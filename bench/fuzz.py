@@ -74,8 +74,8 @@ import msgpack
 import psutil
 
 from argon import ArgonError, Client, defaults
-from argon.connection import PYTHON
 from argon.errors import ProtocolError
+from argon.handshake import PYTHON
 from argon.protocol import (
     HEADER,
     VERSION,

@@ -46,7 +46,7 @@ measured in the same run, with trivial tasks (`noop`) deferred by one client:
    manager's CPU time per task.
 
 The stand-ins are greenlets in one helper process (`bench/standins.py`); each holds a real
-authenticated-protocol connection (`argon.connection.connect(role="worker")`, `Register`,
+authenticated-protocol connection (`argon.handshake.connect(role="worker")`, `Register`,
 `Result`), so the manager cannot tell them from workers.
 
 **Several managers.** Routing-bound load through 1, 2 and 3 managers, all set up at once

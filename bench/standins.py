@@ -20,7 +20,8 @@ from typing import Any
 import gevent
 import gevent.pool
 
-from argon.connection import Connection, connect
+from argon.connection import Connection
+from argon.handshake import connect
 from argon.protocol import Credit, Handback, Message, Reclaim, Register, Result, Task
 from argon.runner import die_with_parent
 from argon.serialize import dumps

@@ -25,6 +25,7 @@ from argon import defaults
 from argon.connection import Connection
 from argon.errors import ConnectionLost, ProtocolError
 from argon.flow import Prefetch, Routes, offers
+from argon.keepalive import Keepalive
 from argon.manager import Manager, WorkerLink
 from argon.protocol import (
     VERSION,
@@ -682,23 +683,81 @@ def conn():
 
 
 def test_heartbeat_pings_an_idle_link_and_closes_a_silent_one(conn):
-    conn.keepalive(4, now=100.0)
-    conn.last_recv = conn.last_send = 100.0
-    conn.beat(now=100.5)
+    conn.keepalive.configure(4, conn.hello.heartbeat, now=100.0)
+    conn.reader.last_recv = conn.outbox.last_send = 100.0
+    conn.keepalive.beat(now=100.5)
     assert conn.outbox.empty and not conn.closed  # not idle long enough for a ping
-    conn.beat(now=101.0)
+    conn.keepalive.beat(now=101.0)
     assert not conn.outbox.empty  # a ping is queued
     for now in (102.0, 103.0, 104.0):
-        conn.beat(now=now)
+        conn.keepalive.beat(now=now)
         assert not conn.closed
-    conn.beat(now=104.5)
+    conn.keepalive.beat(now=104.5)
     assert conn.closed and "no heartbeat" in conn.reason
 
 
 def test_a_process_that_was_frozen_gives_its_peer_a_fresh_allowance(conn):
-    conn.keepalive(4, now=100.0)
-    conn.last_recv = conn.last_send = 100.0
-    conn.beat(now=110.0)  # ten seconds without a tick: this side was stopped, not the peer
+    conn.keepalive.configure(4, conn.hello.heartbeat, now=100.0)
+    conn.reader.last_recv = conn.outbox.last_send = 100.0
+    conn.keepalive.beat(now=110.0)  # ten seconds without a tick: this side was stopped, not the peer
     assert not conn.closed
-    conn.beat(now=111.0)
+    conn.keepalive.beat(now=111.0)
     assert not conn.closed
+
+
+class _Half:
+    """A stand-in for a reader or an outbox: just the fields a :class:`Keepalive` reads."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+
+def _keepalive(heartbeat=1.0):
+    reader = _Half(peer="peer", last_recv=0.0, paused=False)
+    outbox = _Half(queued=0, last_send=0.0, empty=True)
+    sent, closed = [], []
+    keepalive = Keepalive(reader, outbox, heartbeat, sent.append, closed.append)  # type: ignore[arg-type]
+    return keepalive, reader, outbox, sent, closed
+
+
+@pytest.mark.parametrize(
+    ("peer", "interval"),
+    [(0.5, 0.5), (2.0, 1.0), (0.0, 1.0), (0.001, 1.0), (-1.0, 1.0), (float("nan"), 1.0), (float("inf"), 1.0)],
+)
+def test_heartbeat_runs_at_the_shorter_interval_and_ignores_a_bogus_peer_one(peer, interval):
+    keepalive, *_ = _keepalive()
+    assert keepalive.configure(4, peer, now=0.0) == interval
+    assert keepalive.silence == 4.0  # misses count this side's heartbeats, whatever the interval
+
+
+def test_heartbeat_with_no_misses_allowed_pings_but_never_closes():
+    keepalive, _, outbox, sent, closed = _keepalive()
+    keepalive.configure(0, now=0.0)
+    for now in range(1, 100):
+        keepalive.beat(now=float(now))
+        outbox.last_send = float(now)
+    assert not closed and len(sent) == 99 and all(type(msg) is Ping for msg in sent)
+
+
+def test_heartbeat_sends_no_ping_while_something_waits_to_go():
+    keepalive, _, outbox, sent, _ = _keepalive()
+    keepalive.configure(4, now=0.0)
+    outbox.empty, outbox.queued = False, 100
+    keepalive.beat(now=1.0)
+    assert not sent  # what waits goes first, and says the link is alive
+    outbox.empty, outbox.queued = True, 0
+    keepalive.beat(now=2.0)
+    assert len(sent) == 1
+
+
+def test_a_peer_we_stopped_reading_is_alive_while_it_takes_our_data():
+    keepalive, reader, outbox, sent, closed = _keepalive()
+    keepalive.configure(4, now=0.0)
+    reader.paused, outbox.empty = True, False  # backpressure: its messages wait unread
+    for now, queued in enumerate(range(10_000, 0, -1000), start=1):
+        outbox.queued = queued  # ...but it reads ours
+        keepalive.beat(now=float(now))
+        assert not closed and reader.last_recv == (now if now > 1 else 0.0)  # the first beat sets the mark
+    for now in range(11, 16):  # it stops reading ours too: silent
+        keepalive.beat(now=float(now))
+    assert closed == ["no heartbeat for 5.0s"] and not sent

@@ -39,8 +39,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from argon import Client, TaskTimeout, defaults
-from argon.connection import PYTHON, Connection
+from argon.connection import Connection
 from argon.errors import ArgonError, ProtocolError
+from argon.handshake import PYTHON
 from argon.protocol import (
     HEADER,
     VERSION,

@@ -27,8 +27,8 @@ from argon import (
     ProtocolError,
     ServerBusy,
     ShuttingDown,
-    connection,
     defaults,
+    handshake,
 )
 from argon.backoff import Backoff
 from argon.connection import Connection
@@ -175,7 +175,7 @@ def test_a_python_version_mismatch_is_refused_naming_both_versions(net, monkeypa
     assert _closed_by_server(sock)
 
     # A client on "another" Python is refused at connect, and its error names both versions.
-    monkeypatch.setattr(connection, "PYTHON", "3.99.1")
+    monkeypatch.setattr(handshake, "PYTHON", "3.99.1")
     with pytest.raises(ProtocolError, match=rf"runs Python 3\.99\.1; this side runs Python {re.escape(mine)}"):
         Client(manager.host, manager.port, retries=0)
     monkeypatch.undo()
@@ -189,10 +189,10 @@ def test_a_client_refuses_a_server_of_another_python_or_protocol():
     other_protocol = _fake_server(lambda conn: conn.send_now(Hello(VERSION + 1, "manager", "new", "9.0.0", mine)))
     try:
         with pytest.raises(ProtocolError, match=rf"runs Python 2\.7\.18; this side runs Python {re.escape(mine)}"):
-            connection.connect("127.0.0.1", other_python.server_port, role="client")
+            handshake.connect("127.0.0.1", other_python.server_port, role="client")
         with pytest.raises(ProtocolError, match=rf"protocol version {VERSION + 1} \(Argon 9\.0\.0\); this side speaks"
                                                  rf" {VERSION}"):
-            connection.connect("127.0.0.1", other_protocol.server_port, role="client")
+            handshake.connect("127.0.0.1", other_protocol.server_port, role="client")
     finally:
         other_python.stop()
         other_protocol.stop()
@@ -202,7 +202,7 @@ def test_refusals_raise_server_busy_and_shutting_down_not_authentication_errors(
     stopping = _fake_server(lambda conn: conn.send_now(Bye("manager m is shutting down", "ShuttingDown")))
     try:
         with pytest.raises(ShuttingDown, match="shutting down") as info:
-            connection.connect("127.0.0.1", stopping.server_port, role="client")
+            handshake.connect("127.0.0.1", stopping.server_port, role="client")
         assert isinstance(info.value, ConnectionLost) and not isinstance(info.value, AuthenticationError)
     finally:
         stopping.stop()
@@ -210,14 +210,14 @@ def test_refusals_raise_server_busy_and_shutting_down_not_authentication_errors(
     manager = Manager(ServerConfig(port=0, max_connections=1))
     manager.start()
     try:
-        first = connection.connect(*manager.address, role="client")
+        first = handshake.connect(*manager.address, role="client")
         with pytest.raises(ServerBusy, match=r"too many connections \(1\)"):
-            connection.connect(*manager.address, role="client")
+            handshake.connect(*manager.address, role="client")
         first.close()
         wait_for(lambda: not manager._connections, 5, what="the first connection to go")
         manager.stopping = True  # the moment between deciding to stop and closing the listener
         with pytest.raises(ShuttingDown, match="is shutting down"):
-            connection.connect(*manager.address, role="client")
+            handshake.connect(*manager.address, role="client")
     finally:
         manager.stopping = False
         manager.shutdown(grace=0)
@@ -225,7 +225,7 @@ def test_refusals_raise_server_busy_and_shutting_down_not_authentication_errors(
 
 def test_a_stopping_server_tells_connected_peers_shutting_down(net):
     manager = net.manager()
-    conn = connection.connect(manager.host, manager.port, role="client")
+    conn = handshake.connect(manager.host, manager.port, role="client")
     manager.signal(signal.SIGTERM)
     with gevent.Timeout(10):
         bye = conn.recv_message()
@@ -311,7 +311,7 @@ def _closed_cleanly(conn, timeout=10.0):
 
 
 def _fake_worker(manager, capacity, free=None, name="fake"):
-    conn = connection.connect(manager.host, manager.port, role="worker", name=name)
+    conn = handshake.connect(manager.host, manager.port, role="worker", name=name)
     conn.send_now(Register(name, "127.0.0.1", 1, capacity, capacity if free is None else free, 4242))
     return conn
 
@@ -352,7 +352,7 @@ def test_a_worker_claiming_more_free_processes_than_it_has_is_disconnected(net):
 def test_absurd_registrations_and_stats_close_the_link_with_a_reason(net, register, stats, reason):
     manager = net.manager()
     client = net.client(manager)
-    fake = connection.connect(manager.host, manager.port, role="worker")
+    fake = handshake.connect(manager.host, manager.port, role="worker")
     fake.send_now(register)
     if stats is not None:
         fake.send_now(Stats(stats))
@@ -418,7 +418,7 @@ def test_a_draining_worker_hands_back_a_task_that_crossed_its_goodbye(net):
     links = []
 
     def fake_manager(sock, address):
-        conn = connection.accept(sock, address, role="manager", name="fake", key=None, allowed=True)
+        conn = handshake.accept(sock, address, role="manager", name="fake", key=None, allowed=True)
         links.append(conn)
         with contextlib.suppress(OSError):
             while True:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import io
 import itertools
+import socket
 import struct
 import time
 import tracemalloc
+from typing import Any
 
+import gevent
+import gevent.socket
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from argon import defaults
+from argon.connection import Connection
 from argon.errors import ProtocolError
 from argon.protocol import (
     HEADER,
@@ -25,6 +30,7 @@ from argon.protocol import (
     FrameBuffer,
     Handback,
     Hello,
+    Message,
     Ping,
     Reclaim,
     Register,
@@ -39,6 +45,8 @@ from argon.protocol import (
     frame,
     read_frame,
 )
+from argon.reader import Reader
+from argon.security import MAC_BYTES, FrameSigner, Session
 
 PROPERTY = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -358,6 +366,122 @@ def test_frame_buffer_refuses_an_oversized_frame_after_good_ones():
     assert buffer.feed(frame(b"ok")) == [b"ok"]
     with pytest.raises(ProtocolError):
         buffer.feed(frame(b"y" * 11))
+
+
+# -- the reader of a connection: frames from a socket, in process ------------------------------
+
+
+class _ReaderRig:
+    """A :class:`Reader` on one end of a socket pair, with stand-in connection callbacks.
+
+    ``hub=True`` reads from the hub (a plain socket); False reads in a greenlet, as for TLS.
+    """
+
+    def __init__(self, hub: bool, key: bytes | None = None, max_frame: int = 1024) -> None:
+        self.ours, theirs = gevent.socket.socketpair()
+        self.got: list[Message] = []
+        self.closed: list[str] = []
+        self.errors: list[ProtocolError] = []
+        self.reader = Reader(
+            theirs, theirs._sock if hub else None, "peer", FrameSigner(key) if key else None, b"", max_frame,
+            defaults.MAX_ITEMS, self._close, self.errors.append,
+        )
+        self._theirs = theirs
+
+    def _close(self, reason: str) -> None:
+        self.closed.append(reason)
+        self.reader.close()
+
+    def run(self, *chunks: bytes, handler: Any = None) -> None:
+        """Send each chunk once the last was read, hang up, and read until the reader stops."""
+        running = gevent.spawn(self.reader.run, handler or self.got.append)
+        deadline = time.monotonic() + 5
+        for chunk in chunks:
+            last = self.reader.last_recv
+            self.ours.sendall(chunk)
+            while self.reader.last_recv == last and not running.dead and time.monotonic() < deadline:
+                gevent.sleep(0.005)
+        self.ours.shutdown(socket.SHUT_WR)
+        while not running.dead and not self.errors and time.monotonic() < deadline:
+            gevent.sleep(0.005)
+        running.kill()
+        self.ours.close()
+        self._theirs.close()
+
+
+@pytest.fixture(params=[True, False], ids=["hub", "greenlet"])
+def hub(request):
+    return request.param
+
+
+def test_reader_hands_on_every_message_of_batches_but_heartbeats(hub):
+    rig = _ReaderRig(hub)
+    batch = batch_body([encode(Result(2, b"r")), encode(Ping()), encode(Credit(3, 1))])
+    rig.run(frame(encode(Task(1, b"f", b"a"))) + frame(encode(Ping())) + frame(batch))
+    assert rig.got == [Task(1, b"f", b"a"), Result(2, b"r"), Credit(3, 1)]
+    assert rig.closed == ["closed by peer"] and not rig.errors
+    assert rig.reader.last_recv > 0
+
+
+def test_reader_stops_at_an_oversized_frame_after_handing_on_the_good_ones(hub):
+    rig = _ReaderRig(hub, max_frame=64)
+    rig.run(frame(encode(Result(1, b"ok"))), frame(encode(Result(2, b"x" * 100))) + frame(encode(Result(3, b"no"))))
+    assert rig.got == [Result(1, b"ok")]
+    assert len(rig.errors) == 1 and "64" in str(rig.errors[0])
+
+
+@pytest.mark.parametrize("bad", [b"\xc1", encode(Result(1, b"ok"))[:-1], msgpack.packb([99, 1])], ids=repr)
+def test_reader_reports_an_undecodable_message(hub, bad):
+    rig = _ReaderRig(hub)
+    rig.run(frame(bad) + frame(encode(Result(2, b"never"))))
+    assert rig.got == [] and len(rig.errors) == 1
+
+
+def test_reader_on_a_keyed_link_refuses_a_frame_with_a_bad_mac(hub):
+    key = b"k" * 32
+    rig = _ReaderRig(hub, key=key)
+    good, bad = encode(Result(1, b"ok")), encode(Result(2, b"forged"))
+    rig.run(frame(good, FrameSigner(key).sign(good)), frame(bad, b"\0" * MAC_BYTES))
+    assert rig.got == [Result(1, b"ok")] and len(rig.errors) == 1
+
+
+def test_reader_closes_when_the_handler_fails_and_hands_on_nothing_more(hub):
+    rig = _ReaderRig(hub)
+    seen = []
+
+    def handler(msg):
+        seen.append(msg)
+        raise RuntimeError("bug in the handler")
+
+    rig.run(frame(batch_body([encode(Result(1, b"a")), encode(Result(2, b"b"))])) + frame(encode(Result(3, b"c"))),
+            handler=handler)
+    assert seen == [Result(1, b"a")] and rig.closed == ["internal error"]
+
+
+@pytest.mark.timeout(10)
+def test_a_malformed_frame_closes_only_its_connection_and_tells_the_peer_why():
+    pairs = [gevent.socket.socketpair() for _ in range(2)]
+    conns = [Connection(theirs, f"peer-{n}", Session(None, None, b"")) for n, (_, theirs) in enumerate(pairs)]
+    got: list[list[Message]] = [[], []]
+    serving = [gevent.spawn(conn.serve, got[n].append, 0) for n, conn in enumerate(conns)]
+    bad, good = pairs[0][0], pairs[1][0]
+    try:
+        bad.sendall(frame(encode(Result(1, b"ok"))) + frame(b"\xc1"))
+        assert serving[0].get(timeout=5).startswith("protocol error: ")
+        reply = read_frame(bad.makefile("rb"), defaults.MAX_FRAME)
+        assert type(decode(reply)) is Bye and decode(reply).error == "ProtocolError"
+        good.sendall(frame(encode(Result(2, b"still here"))))
+        deadline = time.monotonic() + 5
+        while not got[1] and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        assert got == [[Result(1, b"ok")], [Result(2, b"still here")]]
+        assert conns[0].closed and not conns[1].closed
+    finally:
+        for conn in conns:
+            conn.close()
+        for ours, _ in pairs:
+            ours.close()
+        gevent.killall(serving)
 
 
 class _CountingReader(io.BytesIO):
