@@ -92,7 +92,7 @@ from argon._version import __version__
 from argon.dashboard import serve_dashboard
 from argon.errors import ArgonError
 from argon.manager import Manager
-from argon.metrics import serve_metrics
+from argon.metrics import LatencyHistogram, serve_metrics
 from argon.osutil import die_with_parent, ready_line
 from argon.security import client_tls, load_key_file, server_tls, write_key_file
 from argon.server import Server, ServerConfig
@@ -265,18 +265,17 @@ def _configure_logging(args: dict[str, Any]) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
-def _install_signals(server: Server, shutdown: Any) -> None:
-    """First SIGTERM/SIGINT: drain. Second: exit at once."""
+def _install_signals(server: Server) -> None:
+    """First SIGTERM/SIGINT: stop (drain). Second: exit at once."""
     state = {"stopping": False}
 
     def on_signal() -> None:
         if state["stopping"]:
             log.warning("second signal: exiting now")
-            if isinstance(server, Worker):
-                server.pool.close()
+            server.abort()
             os._exit(1)
         state["stopping"] = True
-        gevent.spawn(shutdown)
+        gevent.spawn(server.stop)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, on_signal)
@@ -322,33 +321,31 @@ def _serve(args: dict[str, Any]) -> int:
     config = build_config(args)
     metrics_port = _number(args, "--metrics-port")
     dashboard_port = _number(args, "--dashboard-port")
-    server: Manager | Worker = Manager(config) if args["manager"] else Worker(config)  # type: ignore[arg-type]
+    latency = LatencyHistogram() if metrics_port is not None else None
+    server: Manager | Worker = (
+        Manager(config, latency=latency) if args["manager"] else Worker(config, latency=latency)  # type: ignore[arg-type]
+    )
     try:
-        server.start()
-        metrics = serve_metrics(server, config.host, metrics_port) if metrics_port is not None else None
-        dashboard = serve_dashboard(server, config.host, dashboard_port) if dashboard_port is not None else None
+        with server:  # stopped (drained) on the way out, whatever happens
+            metrics = serve_metrics(server, config.host, metrics_port) if metrics_port is not None else None
+            dashboard = serve_dashboard(server, config.host, dashboard_port) if dashboard_port is not None else None
+            _install_signals(server)
+            print(f"argon {server.role} listening on {server.name}", flush=True)
+            if metrics is not None:
+                print(f"argon {server.role} metrics on http://{config.host}:{metrics.server_port}/metrics", flush=True)
+            if dashboard is not None:
+                print(f"argon {server.role} dashboard on {dashboard.url}", flush=True)
+            print(ready_line(server.role, server.name), flush=True)  # last: everything above is up
+            server.wait_stopped()
     except ArgonError as exc:  # a pool that would not start
         print(f"argon {server.role}: cannot start: {exc}", file=sys.stderr)
-        if isinstance(server, Worker):
-            server.pool.close()
         return 1
     except (OSError, ImportError) as exc:
         why = getattr(exc, "strerror", None) or exc
         print(f"argon {server.role}: cannot start on {config.host}: {why}", file=sys.stderr)
-        if isinstance(server, Worker):
-            server.pool.close()
         return 1
-    _install_signals(server, server.shutdown)
-    print(f"argon {server.role} listening on {server.name}", flush=True)
-    if metrics is not None:
-        print(f"argon {server.role} metrics on http://{config.host}:{metrics.server_port}/metrics", flush=True)
-    if dashboard is not None:
-        print(f"argon {server.role} dashboard on {dashboard.url}", flush=True)
-    print(ready_line(server.role, server.name), flush=True)  # last: everything above is up
-    server.serve_forever()
-    failure = getattr(server, "failure", None)
-    if failure:
-        print(f"argon {server.role}: stopped: {failure}", file=sys.stderr)
+    if server.failure:
+        print(f"argon {server.role}: stopped: {server.failure}", file=sys.stderr)
         return 1
     return 0
 

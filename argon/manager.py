@@ -42,7 +42,7 @@ from argon.dashboard import Recorder
 from argon.errors import ConnectionLost, MessageTooLarge, NoWorkers, ProtocolError, TaskCancelled, WorkerLost
 from argon.flow import Routes
 from argon.protocol import Bye, Credit, Failure, Handback, Message, Reclaim, Register, Result, Stats, Task
-from argon.server import ClientLink, Server, ServerConfig
+from argon.server import ClientLink, Histogram, Server, ServerConfig
 from argon.states import WorkerState, advance
 from argon.status import WorkerRow, WorkerStats
 
@@ -218,12 +218,19 @@ class Manager(Server):
     Args:
         config: Its settings.
         clock: Where it reads the time (``time.monotonic``; tests pass their own).
+        latency: Where each task's latency is recorded, if anywhere (``--metrics-port``).
     """
 
     role = "manager"
 
-    def __init__(self, config: ServerConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(config or ServerConfig(), clock=clock)
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        latency: Histogram | None = None,
+    ) -> None:
+        super().__init__(config or ServerConfig(), clock=clock, latency=latency)
         self.completed = 0
         self.failed = 0
         self.redelivered = 0
@@ -552,14 +559,9 @@ class Manager(Server):
         """Tasks queued or held by workers."""
         return len(self._pending) + sum(len(w.inflight) for w in self._workers.values())
 
-    def shutdown(self, grace: float | None = None) -> None:
-        """Stop taking tasks, finish queued and running ones within ``grace``, then close."""
-        grace = self.config.grace if grace is None else grace
+    def _drain(self, grace: float) -> None:
+        """Keep routing the tasks in hand, for up to ``grace`` seconds or until no worker is left."""
         log.info("manager %s shutting down (grace %.0fs, %d tasks in hand)", self.name, grace, self.busy())
-        self.say_goodbye(f"manager {self.name} is shutting down")
         deadline = time.monotonic() + grace
         while self.busy() and self._workers and time.monotonic() < deadline:
             gevent.sleep(0.05)
-        self.close_connections()
-        log.info("manager %s stopped", self.name)
-        self.mark_stopped()

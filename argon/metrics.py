@@ -90,15 +90,19 @@ class ServerCollector:
 def serve_metrics(server: Server, host: str, port: int) -> gevent.pywsgi.WSGIServer:
     """Start serving ``/metrics`` for ``server`` and return the HTTP server (port 0: any).
 
+    The server must record its latencies: build it with ``latency=LatencyHistogram()``.
+
     Raises:
         ImportError: prometheus_client is not installed.
+        ValueError: The server records no latency histogram.
     """
     if not HAVE_PROMETHEUS:
         raise ImportError(
             "--metrics-port needs prometheus_client: pip install prometheus_client (or 'argon-tasks[metrics]')"
         )
-    histogram = LatencyHistogram()
-    server.latency = histogram
+    histogram = server.latency
+    if not isinstance(histogram, LatencyHistogram):
+        raise ValueError(f"{server.role} {server.name} was built without latency=LatencyHistogram()")
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ServerCollector(server, histogram))  # type: ignore[arg-type]
     # Naming the host spares pywsgi a getfqdn(), which would start gevent's resolver threads.

@@ -5,6 +5,10 @@ greenlet that runs the handshake (refusing non-loopback peers when there is no k
 then hands the :class:`~argon.connection.Connection` to the subclass. Client links are
 served here: tasks go to :meth:`Server.submit`, status requests to
 :meth:`Server.status`, cancellations to :meth:`Server.cancel`.
+
+A server has one life cycle: :meth:`Server.start`, then :meth:`Server.stop`, which says
+goodbye (stops listening, tells every peer), drains (the subclass's :meth:`Server._drain`),
+then closes every connection. A server is also a context manager that does both.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import gevent
 import gevent.event
@@ -31,6 +35,7 @@ from argon.protocol import Bye, Cancel, Failure, Message, NotCancelled, Result, 
 from argon.security import BUSY, SHUTTING_DOWN, is_loopback, refuse
 
 log = logging.getLogger(__name__)
+_S = TypeVar("_S", bound="Server")
 
 
 @dataclasses.dataclass
@@ -110,7 +115,19 @@ class Server:
     """Base of :class:`~argon.manager.Manager` and :class:`~argon.worker.Worker`.
 
     Subclasses set :attr:`role` and implement :meth:`handle`, :meth:`submit`,
-    :meth:`cancel`, :meth:`client_gone` and :meth:`status`.
+    :meth:`cancel`, :meth:`client_gone`, :meth:`status` and the drain of :meth:`stop`
+    (:meth:`_drain`, and :meth:`_release` if they hold more than connections).
+
+    Args:
+        config: Its settings.
+        clock: Where it reads the time for latencies (``time.monotonic``; tests pass their own).
+        latency: Where each task's latency (arrival to reply) is recorded, if anywhere
+            (see :class:`argon.metrics.LatencyHistogram`).
+
+    Example::
+
+        with Manager(ServerConfig(port=0)) as manager:  # started; stopped (drained) on exit
+            print(manager.name)
     """
 
     role = "server"
@@ -118,13 +135,19 @@ class Server:
     completed: int
     failed: int
 
-    def __init__(self, config: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: ServerConfig, *, clock: Callable[[], float] = time.monotonic, latency: Histogram | None = None
+    ) -> None:
         self.config = config
         self.clock = clock
+        self.latency = latency
         self.started = time.time()
         self.address: tuple[str, int] = (config.host, config.port)
         self.rejected = 0
+        #: Set once :meth:`stop` has begun: new connections and tasks are refused.
         self.stopping = False
+        #: Why this server stopped on its own (a worker whose pool broke), or None.
+        self.failure: str | None = None
         self._connections: set[Connection] = set()
         # Connections still in their handshake, oldest first: they count against
         # max_connections, and the oldest is shed when a new one needs its slot.
@@ -134,8 +157,14 @@ class Server:
         self._server: StreamServer | None = None
         self._sampler: gevent.Greenlet | None = None
         self._samples: deque[tuple[float, int]] = deque(maxlen=6)
-        self.latency: Histogram | None = None
         self._stopped = gevent.event.Event()
+
+    def __enter__(self: _S) -> _S:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def name(self) -> str:
@@ -179,12 +208,6 @@ class Server:
         """Record the latency of a task that arrived at ``started`` (by :attr:`clock`), if measured."""
         if self.latency is not None:
             self.latency.observe(self.clock() - started)
-
-    def serve_forever(self) -> None:
-        """Start (if needed) and block until :meth:`shutdown` has finished."""
-        if self._server is None:
-            self.start()
-        self._stopped.wait()
 
     def _accept(self, sock: Any, address: tuple[Any, ...]) -> None:
         peer = f"{address[0]}:{address[1]}"
@@ -334,7 +357,45 @@ class Server:
         """Connected clients."""
         return sum(1 for c in self._connections if c.hello is not None and c.hello.role == "client")
 
-    def say_goodbye(self, reason: str) -> None:
+    # -- stopping ---------------------------------------------------------------------------
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop: say goodbye, drain within ``grace`` seconds, close every connection.
+
+        Goodbye: stop listening and tell every connected peer that this server is going
+        away (a ``Bye`` naming ``ShuttingDown``); from then on new tasks are refused. Drain:
+        the subclass's part (:meth:`_drain`), bounded by ``grace``. Close: flush what is
+        queued to each peer, close them all, release what the server holds
+        (:meth:`_release`). A second call, while or after the first runs, waits for it.
+
+        Args:
+            grace: Seconds to finish the tasks in hand (default: ``config.grace``).
+        """
+        if self.stopping:
+            self._stopped.wait()
+            return
+        self._say_goodbye(f"{self.role} {self.name} is shutting down")
+        self._drain(self.config.grace if grace is None else grace)
+        self._close_connections()
+        self._release()
+        if self._sampler is not None:
+            self._sampler.kill(block=False)
+        log.info("%s %s stopped", self.role, self.name)
+        self._stopped.set()
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`stop` has finished (or ``timeout`` seconds pass); True if it has."""
+        return bool(self._stopped.wait(timeout))
+
+    def abort(self) -> None:
+        """Release at once what outlives this process (a worker's pool processes), without draining.
+
+        For a process about to exit at once (a second SIGTERM): connections end with it.
+        """
+        self.stopping = True
+        self._release()
+
+    def _say_goodbye(self, reason: str) -> None:
         """Stop listening and tell every connected peer this server is going away."""
         self.stopping = True
         if self._server is not None:
@@ -343,15 +404,15 @@ class Server:
             with contextlib.suppress(ConnectionLost):
                 conn.send(Bye(reason, ShuttingDown.__name__))
 
-    def close_connections(self, timeout: float = 2.0) -> None:
+    def _drain(self, grace: float) -> None:
+        """Finish the tasks in hand, within ``grace`` seconds (peers have been told goodbye)."""
+
+    def _close_connections(self, timeout: float = 2.0) -> None:
         """Flush what is queued to every peer (within ``timeout``), then close them all."""
         deadline = time.monotonic() + timeout
         for conn in list(self._connections):
             conn.flush(max(0.0, deadline - time.monotonic()))
             conn.close("server stopped")
 
-    def mark_stopped(self) -> None:
-        """Mark the server as fully stopped (releases :meth:`serve_forever`)."""
-        if self._sampler is not None:
-            self._sampler.kill(block=False)
-        self._stopped.set()
+    def _release(self) -> None:
+        """Free what the server holds besides its connections (idempotent)."""

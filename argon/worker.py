@@ -60,7 +60,7 @@ from argon.protocol import (
     StatusRequest,
     Task,
 )
-from argon.server import ClientLink, Server, ServerConfig
+from argon.server import ClientLink, Histogram, Server, ServerConfig
 from argon.states import LinkState, advance
 from argon.status import WorkerRow, WorkerStats
 
@@ -138,13 +138,18 @@ class ManagerLink:
 
 
 class Worker(Server):
-    """A process pool behind a server socket and, optionally, a manager link."""
+    """A process pool behind a server socket and, optionally, links to managers.
+
+    Args:
+        config: Its settings.
+        latency: Where each task's latency is recorded, if anywhere (``--metrics-port``).
+    """
 
     role = "worker"
 
-    def __init__(self, config: WorkerConfig | None = None) -> None:
+    def __init__(self, config: WorkerConfig | None = None, *, latency: Histogram | None = None) -> None:
         config = config or WorkerConfig()
-        super().__init__(config)
+        super().__init__(config, latency=latency)
         self.config: WorkerConfig = config
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.prefetch = Prefetch()
@@ -155,8 +160,6 @@ class Worker(Server):
             observe=self.prefetch.observe,
             on_broken=self._pool_broken,
         )
-        #: Why this worker stopped on its own (its pool broke), or None.
-        self.failure: str | None = None
         self.discarded = 0
         self.handed_back = 0
         self.links = [ManagerLink(address) for address in config.managers]
@@ -173,9 +176,18 @@ class Worker(Server):
         return bool(self.links)
 
     def start(self) -> None:
-        """Start the pool, then listen, then (if managed) dial every manager."""
+        """Start the pool, then listen, then (if managed) dial every manager.
+
+        Raises:
+            ArgonError: The pool would not start.
+            OSError: The port cannot be bound (the pool is stopped again).
+        """
         self.pool.start()
-        super().start()
+        try:
+            super().start()
+        except BaseException:
+            self.pool.close()
+            raise
         self._linkers = [gevent.spawn(self._manager_loop, link) for link in self.links]
 
     def handle(self, conn: Connection) -> None:
@@ -470,7 +482,7 @@ class Worker(Server):
         if self.failure is None and not self.stopping:
             self.failure = reason
             log.critical("worker %s is stopping: its pool cannot start processes (%s)", self.name, reason)
-            gevent.spawn(self.shutdown)
+            gevent.spawn(self.stop)
 
     def _report_stats(self, conn: Connection) -> None:
         while not conn.closed:
@@ -532,11 +544,9 @@ class Worker(Server):
             "managers": [{"address": link.name, "connected": link.open} for link in links],
         }
 
-    def shutdown(self, grace: float | None = None) -> None:
-        """Drain: hand back waiting tasks, finish running ones within ``grace``, leave, stop."""
-        grace = self.config.grace if grace is None else grace
+    def _drain(self, grace: float) -> None:
+        """Tell the managers, hand back waiting tasks, finish running ones within ``grace``, leave."""
         log.info("worker %s draining (grace %.0fs, %d tasks in hand)", self.name, grace, self.pool.outstanding)
-        self.say_goodbye(f"worker {self.name} is shutting down")
         leaving: list[tuple[ManagerLink, Connection]] = []
         for link in self.links:
             conn = link.conn
@@ -562,9 +572,10 @@ class Worker(Server):
             conn.close("worker stopped")
         for linker in self._linkers:
             linker.kill(block=False)
+
+    def _release(self) -> None:
+        """Stop the stall watch and the pool's processes (whatever they still run is abandoned)."""
         if self._watch is not None:
             self._watch.close()
-        self.close_connections()
+            self._watch = None
         self.pool.close()
-        log.info("worker %s stopped", self.name)
-        self.mark_stopped()

@@ -146,9 +146,9 @@ class SimWorker:
 class Sim:
     """A manager, its simulated workers and clients."""
 
-    def __init__(self, queue_size: int | None = None) -> None:
+    def __init__(self, queue_size: int | None = None, latency: Any = None) -> None:
         self.clock = Clock()
-        self.manager = Manager(ServerConfig(queue_size=queue_size), clock=self.clock)
+        self.manager = Manager(ServerConfig(queue_size=queue_size), clock=self.clock, latency=latency)
         self.workers: list[SimWorker] = []
         self.clients: list[tuple[ClientLink, Link]] = []
         self.next_id = 0
@@ -464,8 +464,8 @@ def test_latency_is_measured_with_the_injected_clock():
         def observe(self, seconds: float) -> None:
             self.seen.append(seconds)
 
-    sim = Sim()
-    sim.manager.latency = histogram = Histogram()
+    histogram = Histogram()
+    sim = Sim(latency=histogram)
     worker = sim.worker(1)
     sim.submit(1)
     sim.settle()

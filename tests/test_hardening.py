@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -40,6 +41,7 @@ from argon.protocol import (
     Failure,
     Handback,
     Hello,
+    Ping,
     Register,
     Result,
     Stats,
@@ -49,6 +51,7 @@ from argon.protocol import (
     frame,
 )
 from argon.security import server_handshake
+from argon.serialize import dumps, dumps_function
 from argon.server import ServerConfig
 from argon.status import render
 from argon.worker import Worker, WorkerConfig
@@ -207,20 +210,18 @@ def test_refusals_raise_server_busy_and_shutting_down_not_authentication_errors(
     finally:
         stopping.stop()
     # The server's own refusal lines, straight from a real Manager in this process.
-    manager = Manager(ServerConfig(port=0, max_connections=1))
-    manager.start()
-    try:
+    with Manager(ServerConfig(port=0, max_connections=1, grace=0)) as manager:
         first = handshake.connect(*manager.address, role="client")
         with pytest.raises(ServerBusy, match=r"too many connections \(1\)"):
             handshake.connect(*manager.address, role="client")
         first.close()
         wait_for(lambda: not manager._connections, 5, what="the first connection to go")
         manager.stopping = True  # the moment between deciding to stop and closing the listener
-        with pytest.raises(ShuttingDown, match="is shutting down"):
-            handshake.connect(*manager.address, role="client")
-    finally:
-        manager.stopping = False
-        manager.shutdown(grace=0)
+        try:
+            with pytest.raises(ShuttingDown, match="is shutting down"):
+                handshake.connect(*manager.address, role="client")
+        finally:
+            manager.stopping = False  # so that leaving the block stops it for real
 
 
 def test_a_stopping_server_tells_connected_peers_shutting_down(net):
@@ -232,6 +233,89 @@ def test_a_stopping_server_tells_connected_peers_shutting_down(net):
     assert type(bye) is Bye and bye.error == "ShuttingDown" and "shutting down" in bye.reason
     conn.close()
     assert manager.wait() == 0
+
+
+# -- one life cycle: stop() says goodbye, drains, closes; servers are context managers ----------
+
+
+def _sleep_task(task_id: int, seconds: float) -> Task:
+    return Task(task_id, dumps_function(time.sleep), dumps(((seconds,), {})), None)
+
+
+def _until_closed(conn: Connection, timeout: float = 20.0) -> list:
+    """Every message (but heartbeats) ``conn`` receives until the server closes it."""
+    seen = []
+    late = AssertionError(f"the server did not close the connection; so far {seen}")
+    with gevent.Timeout(timeout, late), contextlib.suppress(OSError):  # OSError: the server closed it, the end
+        while True:
+            msg = conn.recv_message()
+            if type(msg) is not Ping:
+                seen.append(msg)
+    return seen
+
+
+def _refused(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_stop_says_goodbye_then_drains_then_closes(caplog):
+    caplog.set_level(logging.INFO, logger="argon")
+    with Worker(WorkerConfig(port=0, processes=1, grace=30)) as worker:
+        conn = handshake.connect(*worker.address, role="client")
+        conn.send_now(_sleep_task(1, 0.5))
+        wait_for(lambda: worker.pool.running == 1, 10, what="the task to start")
+        stopping = gevent.spawn(worker.stop)
+        again = gevent.spawn(worker.stop, 0)  # a second stop (a second caller) waits for the first
+        seen = _until_closed(conn)
+        # Goodbye first (new tasks go elsewhere), then the running task's result (the drain
+        # let it finish, well within the grace), and only then the end of the connection.
+        assert [type(m) for m in seen] == [Bye, Result], seen
+        assert seen[0].error == "ShuttingDown" and seen[1].id == 1
+        gevent.joinall([stopping, again], timeout=10)
+        assert stopping.successful() and again.successful()
+        assert worker.wait_stopped(0) and _refused(worker.address)
+        assert worker.pool.running == 0 and not worker.pool.processes()  # pool processes stopped
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum(" draining (grace " in m for m in messages) == 1, messages  # one drain, not three
+    assert sum(m.endswith(" stopped") and m.startswith("worker ") for m in messages) == 1, messages
+
+
+@pytest.mark.timeout(60)
+def test_a_managers_stop_lets_its_workers_finish_before_it_closes():
+    with (
+        Manager(ServerConfig(port=0, grace=30)) as manager,
+        Worker(WorkerConfig(port=0, processes=1, managers=[manager.address], heartbeat=0.2)),
+    ):
+        wait_for(lambda: manager.status()["capacity"] == 1, 10, what="the worker to register")
+        conn = handshake.connect(*manager.address, role="client")
+        conn.send_now(_sleep_task(7, 0.5))
+        wait_for(lambda: manager.status()["busy"] == 1, 10, what="the task to start")
+        gevent.spawn(manager.stop)
+        seen = _until_closed(conn)
+        assert [type(m) for m in seen] == [Bye, Result], seen
+        assert seen[1].id == 7 and manager.completed == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_server_as_context_manager_frees_its_port_and_stops_once():
+    with Manager(ServerConfig(port=0)) as manager:
+        address = manager.address
+        with Client(*address, retries=0) as client:
+            assert client.status()["role"] == "manager"
+    assert manager.stopping and manager.wait_stopped(0)
+    assert _refused(address)
+    manager.stop()  # again: harmless, and at once
+    manager.stop(0)
+    with Manager(ServerConfig(port=address[1])) as again:  # the port is free for a successor
+        assert again.address == address
+    never_started = Worker(WorkerConfig(port=0, processes=1))
+    never_started.stop()  # stopping a server that never started only marks it stopped
+    assert never_started.wait_stopped(0)
 
 
 @pytest.mark.timeout(90)
@@ -453,18 +537,13 @@ def test_a_draining_worker_hands_back_a_task_that_crossed_its_goodbye(net):
 
 @pytest.mark.timeout(60)
 def test_a_worker_whose_pool_cannot_start_processes_says_so_and_stops(tmp_path):
-    worker = Worker(WorkerConfig(port=0, processes=1, grace=1))
-    worker.start()
-    try:
-        with Client(*worker.address) as client:
-            broken = tmp_path / "python"
-            broken.write_text("#!/bin/sh\nexit 9\n")
-            broken.chmod(0o755)
-            worker.pool.python = str(broken)  # from now on no pool process can start
-            worker.pool._restart = lambda: Backoff(0.01, attempts=1)  # keeps the test fast
-            with pytest.raises(ProcessDied):
-                client.queue(os._exit, [3])
-            gevent.with_timeout(30, worker.serve_forever)  # it stops by itself
-        assert worker.failure is not None and "cannot start a pool process" in worker.failure
-    finally:
-        worker.pool.close()
+    with Worker(WorkerConfig(port=0, processes=1, grace=1)) as worker, Client(*worker.address) as client:
+        broken = tmp_path / "python"
+        broken.write_text("#!/bin/sh\nexit 9\n")
+        broken.chmod(0o755)
+        worker.pool.python = str(broken)  # from now on no pool process can start
+        worker.pool._restart = lambda: Backoff(0.01, attempts=1)  # keeps the test fast
+        with pytest.raises(ProcessDied):
+            client.queue(os._exit, [3])
+        assert worker.wait_stopped(30)  # it stops by itself
+    assert worker.failure is not None and "cannot start a pool process" in worker.failure
