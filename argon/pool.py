@@ -1,8 +1,8 @@
 """A pool of long-lived Python processes that run tasks one at a time each.
 
-Each process is a fresh interpreter running :mod:`argon.runner`, started with
-``gevent.subprocess`` and fed length-prefixed frames over its stdin and stdout pipes.
-Exec'd children inherit no hub, greenlets or listening sockets from the worker.
+Each process is a :class:`~argon.process.PoolProcess`: a fresh interpreter running
+:mod:`argon.runner`, fed frames over its pipes. This module schedules jobs across them
+and replaces the ones that die or retire.
 
 The pool is driven by the hub: a task is written to an idle process's pipe by whoever
 submits it, and the reply is read by an I/O watcher callback that hands it on and
@@ -22,11 +22,8 @@ not delay the queue.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
-import signal
 import sys
 import time
 from collections import Counter, deque
@@ -35,7 +32,6 @@ from typing import Any
 
 import gevent
 import gevent.event
-import gevent.subprocess
 import psutil
 
 from argon import defaults
@@ -43,18 +39,11 @@ from argon.backoff import Backoff
 from argon.dashboard import Recorder
 from argon.errors import ProcessDied, ProtocolError, TaskTimeout
 from argon.osutil import importable
-from argon.protocol import Buffer, Failure, FrameBuffer, Hello, Result, Task, decode, encode_parts, frame_parts
-from argon.states import ProcessState, advance
+from argon.process import Job, PoolProcess, Reply
+from argon.protocol import Failure, Result, decode
+from argon.states import ProcessState
 
 log = logging.getLogger(__name__)
-
-Reply = Result | Failure
-
-START_TIMEOUT = 60.0
-READ_SIZE = 1 << 20
-PIPE_SIZE = 1 << 20
-_F_SETPIPE_SZ = 1031  # Linux: grow the pipes, so large payloads take fewer system calls
-STOP_TIMEOUT = 2.0
 
 
 def default_size() -> int:
@@ -63,195 +52,6 @@ def default_size() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return psutil.cpu_count() or 1
-
-
-class Job:
-    """A task waiting for, or running on, a pool process.
-
-    Attributes:
-        task: The task to run; the reply carries the same id.
-        done: Called once with the reply.
-        tag: Anything the submitter wants to find the job by later.
-    """
-
-    __slots__ = ("arrived", "began", "done", "tag", "task")
-
-    def __init__(self, task: Task, done: Callable[[Reply], None], tag: Any = None) -> None:
-        self.task = task
-        self.done = done
-        self.tag = tag
-        self.arrived = time.monotonic()
-        self.began = 0.0  # when a process took it
-
-
-class PoolProcess:
-    """One pool process, its pipes and the job it is running (see :class:`ProcessState`)."""
-
-    def __init__(self, python: str, max_frame: int, env: dict[str, str]) -> None:
-        self.max_frame = max_frame
-        self.popen = gevent.subprocess.Popen(
-            [python, "-m", "argon.runner", str(os.getpid()), str(max_frame)],
-            stdin=gevent.subprocess.PIPE,
-            stdout=gevent.subprocess.PIPE,
-            env=env,
-            close_fds=True,
-        )
-        self.pid: int = self.popen.pid
-        self.tasks = 0
-        self.started = time.time()
-        self.state = ProcessState.STARTING
-        self.job: Job | None = None
-        self.began = 0.0  # when (monotonic) its current task was written to it
-        self.spare: gevent.Greenlet | None = None
-        self._to_child = self.popen.stdin.fileno()
-        self._from_child = self.popen.stdout.fileno()
-        for fd in (self._to_child, self._from_child):
-            os.set_blocking(fd, False)
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
-        loop = gevent.get_hub().loop
-        self.readable = loop.io(self._from_child, 1)
-        self._writable = loop.io(self._to_child, 2)
-        self._timer: Any = None
-        self._pending: list[Buffer] = []
-        self._frames = FrameBuffer(max_frame)
-
-    def __repr__(self) -> str:
-        return f"<PoolProcess {self.pid} {self.state.value} tasks={self.tasks}>"
-
-    def move(self, state: ProcessState) -> None:
-        """Change state (see :data:`argon.states.MOVES`); a move to the same state is a no-op."""
-        if state is not self.state:
-            self.state = advance(self.state, state, self)  # type: ignore[assignment]
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Wait (in a greenlet) for the process's hello.
-
-        Raises:
-            ProcessDied: It exited or did not report in time.
-        """
-        hub = gevent.get_hub()
-        try:
-            with gevent.Timeout(timeout, ProcessDied(f"pool process {self.pid} did not start in {timeout}s")):
-                frames: list[Buffer] = []
-                while not frames:
-                    try:
-                        data = os.read(self._from_child, READ_SIZE)
-                    except BlockingIOError:
-                        hub.wait(self.readable)
-                        continue
-                    if not data:
-                        break
-                    frames = self._frames.feed(data)
-            if not frames or type(decode(frames[0])) is not Hello:
-                raise ProcessDied(f"pool process {self.pid} {self.exit_status()} while starting")
-            self.move(ProcessState.IDLE)
-        except BaseException:
-            self.kill()
-            raise
-
-    def begin(self, job: Job, on_timeout: Callable[[PoolProcess], None]) -> None:
-        """Hand ``job`` to the process: write its task (the rest later if the pipe is full)."""
-        self.move(ProcessState.BUSY)
-        self.job = job
-        self.began = time.monotonic()
-        self.tasks += 1
-        task = job.task
-        if task.timeout:
-            self._timer = gevent.get_hub().loop.timer(task.timeout)
-            self._timer.start(on_timeout, self)
-        self._pending = list(frame_parts(encode_parts(task)))  # a large payload is not copied
-        if not self._write():
-            self._writable.start(self._write_more)
-
-    def _write(self) -> bool:
-        """Write as much of the pending task as the pipe takes; True once it is all out."""
-        try:
-            written = os.writev(self._to_child, self._pending)
-        except BlockingIOError:
-            return False
-        except OSError:
-            self._pending = []  # the process is gone: the reader sees end of file, reports it
-            return True
-        for index, part in enumerate(self._pending):
-            if written < len(part):
-                self._pending = [memoryview(part)[written:], *self._pending[index + 1 :]]
-                return False
-            written -= len(part)
-        self._pending = []
-        return True
-
-    def _write_more(self) -> None:
-        if self._write():
-            self._writable.stop()
-
-    def read_replies(self) -> list[Buffer] | None:
-        """Frames available now (maybe none); None at end of file (the process died)."""
-        try:
-            data = os.read(self._from_child, READ_SIZE)
-        except BlockingIOError:
-            return []
-        except OSError:
-            return None
-        return self._frames.feed(data) if data else None
-
-    def finish(self) -> Job | None:
-        """Forget the running job (its reply is in) and return it; a busy process is idle again."""
-        if self.state is ProcessState.BUSY:
-            self.move(ProcessState.IDLE)
-        job, self.job = self.job, None
-        if self._timer is not None:
-            self._timer.close()
-            self._timer = None
-        self._pending = []
-        self._writable.stop()
-        return job
-
-    def exit_status(self) -> str:
-        """Reap the process (in a greenlet) and describe how it ended."""
-        try:
-            code = self.popen.wait(timeout=STOP_TIMEOUT)
-        except gevent.subprocess.TimeoutExpired:
-            self.popen.kill()
-            code = self.popen.wait()
-        if code is not None and code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = "unknown signal"
-            return f"was killed by signal {-code} ({name})"
-        return f"exited with code {code}"
-
-    def retire(self) -> None:
-        """Close its input so it exits; kill it if it lingers (in a greenlet)."""
-        self.move(ProcessState.RETIRING)
-        self.readable.stop()
-        try:
-            self.popen.stdin.close()
-            self.popen.wait(timeout=STOP_TIMEOUT)
-        except (OSError, gevent.subprocess.TimeoutExpired):
-            self.kill()
-        self.close()
-
-    def kill(self) -> None:
-        """Kill the process at once and reap it."""
-        with contextlib.suppress(OSError):
-            self.popen.kill()
-            self.popen.wait()
-        self.close()
-
-    def close(self) -> None:
-        """Release its watchers and pipes once it has exited (idempotent)."""
-        if self.state is ProcessState.DEAD:
-            return
-        self.move(ProcessState.DEAD)
-        self.readable.close()
-        self._writable.close()
-        if self._timer is not None:
-            self._timer.close()
-        for pipe in (self.popen.stdin, self.popen.stdout):
-            with contextlib.suppress(OSError):
-                pipe.close()
 
 
 class Pool:
@@ -382,7 +182,7 @@ class Pool:
         if self.max_requests and process.tasks + 1 >= self.max_requests and process.spare is None:
             process.spare = gevent.spawn(self._spawn_process)  # warm up its successor now
         job.began = self.recorder.started(job.arrived)
-        process.begin(job, self._on_timeout)
+        process.begin(job)
 
     def _next(self, process: PoolProcess) -> None:
         """Give an idle process the next queued job, or mark it idle."""
@@ -395,8 +195,7 @@ class Pool:
         """Hub callback: a process has written (a reply, or end of file)."""
         frames = process.read_replies()
         if frames is None:
-            process.readable.stop()
-            gevent.spawn(self._died, process)
+            self._lost(process)
             return
         for body in frames:
             job = process.job
@@ -405,16 +204,14 @@ class Pool:
                 if job is None or not isinstance(reply, (Result, Failure)) or reply.id != job.task.id:
                     raise ProtocolError("unexpected reply")
             except ProtocolError:
-                process.readable.stop()
                 process.popen.kill()
-                gevent.spawn(self._died, process, f"pool process {process.pid} sent an unexpected reply")
+                self._lost(process, f"pool process {process.pid} sent an unexpected reply")
                 return
             self._deliver(process, reply)
             if process.state is ProcessState.OVERDUE:
                 # Its time limit ran out just as the reply came: the reply stands, but the
                 # process is being killed, so it takes no further job.
-                process.readable.stop()
-                gevent.spawn(self._died, process)
+                self._lost(process)
                 return
             if self.max_requests and process.tasks >= self.max_requests:
                 self._retire(process)
@@ -440,11 +237,10 @@ class Pool:
         if not self.outstanding:
             self._drained.set()
 
-    def _on_timeout(self, process: PoolProcess) -> None:
-        """Hub callback: the running task is overdue; kill its process (the reader reports it)."""
-        process.move(ProcessState.OVERDUE)
-        with contextlib.suppress(OSError):
-            process.popen.kill()
+    def _lost(self, process: PoolProcess, why: str = "") -> None:
+        """Stop reading a process that is gone or going, and reap it in a greenlet (see :meth:`_died`)."""
+        process.readable.stop()
+        gevent.spawn(self._died, process, why)
 
     def _died(self, process: PoolProcess, why: str = "") -> None:
         """Greenlet: fail the dead process's task with how it ended, and replace it."""
@@ -471,8 +267,7 @@ class Pool:
         self._replace(process)
 
     def _retire(self, process: PoolProcess) -> None:
-        process.move(ProcessState.RETIRING)
-        gevent.spawn(process.retire)
+        process.retire()
         self._replace(process)
 
     def _replace(self, process: PoolProcess) -> None:

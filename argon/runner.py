@@ -1,7 +1,8 @@
 """The loop each pool process runs: read a task from stdin, run it, write the reply.
 
-Started by :class:`argon.pool.Pool` as ``python -m argon.runner PARENT_PID MAX_FRAME``.
-Frames on stdin are :class:`~argon.protocol.Task` messages; each gets exactly one
+Started by :class:`argon.process.PoolProcess` (one of a :class:`argon.pool.Pool`) as
+``python -m argon.runner PARENT_PID MAX_FRAME``. Frames on stdin are
+:class:`~argon.protocol.Task` messages; each gets exactly one
 :class:`~argon.protocol.Result` or :class:`~argon.protocol.Failure` on stdout. Before
 the first task the process announces itself with a :class:`~argon.protocol.Hello`.
 

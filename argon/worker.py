@@ -46,7 +46,8 @@ from argon.dashboard import CpuMeter, Recorder
 from argon.errors import ArgonError, ConnectionLost, ProtocolError, TaskCancelled
 from argon.flow import Prefetch, offers
 from argon.handshake import connect
-from argon.pool import Job, Pool, Reply
+from argon.pool import Pool
+from argon.process import Job, Reply
 from argon.protocol import (
     Bye,
     Credit,

@@ -31,7 +31,8 @@ import pytest
 from argon import defaults
 from argon.backoff import Backoff
 from argon.errors import ProcessDied
-from argon.pool import Job, Pool, default_size
+from argon.pool import Pool, default_size
+from argon.process import Job
 from argon.protocol import Failure, Result, Task
 from argon.serialize import FunctionCache, dumps, loads, loads_exception
 
@@ -385,7 +386,8 @@ def test_default_size_is_the_cpus_this_process_may_use():
 _PARENT = textwrap.dedent("""
     import os, sys, time
     import gevent
-    from argon.pool import Job, Pool
+    from argon.pool import Pool
+    from argon.process import Job
     from argon.protocol import Task
     from argon.serialize import FunctionCache, dumps
 

@@ -1,0 +1,236 @@
+"""One pool process: a fresh interpreter running :mod:`argon.runner`, and the pipes to it.
+
+The process is started with ``gevent.subprocess`` and fed length-prefixed frames over
+its stdin and stdout pipes; an exec'd child inherits no hub, greenlets or listening
+sockets from the worker. :class:`PoolProcess` writes a task without blocking (the rest
+of a large one when the pipe drains), reads the replies its pool's I/O watcher reports,
+kills the process when its task overruns the time limit, and reaps it. Which job runs
+where, and what happens when a process dies, is :class:`argon.pool.Pool`'s business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.subprocess
+
+from argon.errors import ProcessDied
+from argon.protocol import Buffer, Failure, FrameBuffer, Hello, Result, Task, decode, encode_parts, frame_parts
+from argon.states import ProcessState, advance
+
+Reply = Result | Failure
+
+START_TIMEOUT = 60.0
+READ_SIZE = 1 << 20
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031  # Linux: grow the pipes, so large payloads take fewer system calls
+STOP_TIMEOUT = 2.0
+
+
+class Job:
+    """A task waiting for, or running on, a pool process.
+
+    Attributes:
+        task: The task to run; the reply carries the same id.
+        done: Called once with the reply.
+        tag: Anything the submitter wants to find the job by later.
+    """
+
+    __slots__ = ("arrived", "began", "done", "tag", "task")
+
+    def __init__(self, task: Task, done: Callable[[Reply], None], tag: Any = None) -> None:
+        self.task = task
+        self.done = done
+        self.tag = tag
+        self.arrived = time.monotonic()
+        self.began = 0.0  # when a process took it
+
+
+class PoolProcess:
+    """One pool process, its pipes and the job it is running (see :class:`ProcessState`)."""
+
+    def __init__(self, python: str, max_frame: int, env: dict[str, str]) -> None:
+        self.popen = gevent.subprocess.Popen(
+            [python, "-m", "argon.runner", str(os.getpid()), str(max_frame)],
+            stdin=gevent.subprocess.PIPE,
+            stdout=gevent.subprocess.PIPE,
+            env=env,
+            close_fds=True,
+        )
+        self.pid: int = self.popen.pid
+        self.tasks = 0
+        self.started = time.time()
+        self.state = ProcessState.STARTING
+        self.job: Job | None = None
+        self.began = 0.0  # when (monotonic) its current task was written to it
+        self.spare: gevent.Greenlet | None = None  # its successor, warmed up by the pool before it retires
+        self._to_child = self.popen.stdin.fileno()
+        self._from_child = self.popen.stdout.fileno()
+        for fd in (self._to_child, self._from_child):
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        loop = gevent.get_hub().loop
+        self.readable = loop.io(self._from_child, 1)
+        self._writable = loop.io(self._to_child, 2)
+        self._timer: Any = None
+        self._pending: list[Buffer] = []
+        self._frames = FrameBuffer(max_frame)
+
+    def __repr__(self) -> str:
+        return f"<PoolProcess {self.pid} {self.state.value} tasks={self.tasks}>"
+
+    def move(self, state: ProcessState) -> None:
+        """Change state (see :data:`argon.states.MOVES`); a move to the same state is a no-op."""
+        if state is not self.state:
+            self.state = advance(self.state, state, self)  # type: ignore[assignment]
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait (in a greenlet) for the process's hello.
+
+        Raises:
+            ProcessDied: It exited or did not report in time.
+        """
+        hub = gevent.get_hub()
+        try:
+            with gevent.Timeout(timeout, ProcessDied(f"pool process {self.pid} did not start in {timeout}s")):
+                frames: list[Buffer] = []
+                while not frames:
+                    try:
+                        data = os.read(self._from_child, READ_SIZE)
+                    except BlockingIOError:
+                        hub.wait(self.readable)
+                        continue
+                    if not data:
+                        break
+                    frames = self._frames.feed(data)
+            if not frames or type(decode(frames[0])) is not Hello:
+                raise ProcessDied(f"pool process {self.pid} {self.exit_status()} while starting")
+            self.move(ProcessState.IDLE)
+        except BaseException:
+            self.kill()
+            raise
+
+    def begin(self, job: Job) -> None:
+        """Hand ``job`` to the process: write its task (the rest later if the pipe is full).
+
+        If the task has a time limit and overruns it, the process is killed (its state is
+        then ``OVERDUE``) and the pool's reader sees end of file.
+        """
+        self.move(ProcessState.BUSY)
+        self.job = job
+        self.began = time.monotonic()
+        self.tasks += 1
+        task = job.task
+        if task.timeout:
+            self._timer = gevent.get_hub().loop.timer(task.timeout)
+            self._timer.start(self._overdue)
+        self._pending = list(frame_parts(encode_parts(task)))  # a large payload is not copied
+        if not self._write():
+            self._writable.start(self._write_more)
+
+    def _overdue(self) -> None:
+        """Hub callback: the running task is overdue; kill the process (the reader reports it)."""
+        self.move(ProcessState.OVERDUE)
+        with contextlib.suppress(OSError):
+            self.popen.kill()
+
+    def _write(self) -> bool:
+        """Write as much of the pending task as the pipe takes; True once it is all out."""
+        try:
+            written = os.writev(self._to_child, self._pending)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._pending = []  # the process is gone: the reader sees end of file, reports it
+            return True
+        for index, part in enumerate(self._pending):
+            if written < len(part):
+                self._pending = [memoryview(part)[written:], *self._pending[index + 1 :]]
+                return False
+            written -= len(part)
+        self._pending = []
+        return True
+
+    def _write_more(self) -> None:
+        if self._write():
+            self._writable.stop()
+
+    def read_replies(self) -> list[Buffer] | None:
+        """Frames available now (maybe none); None at end of file (the process died)."""
+        try:
+            data = os.read(self._from_child, READ_SIZE)
+        except BlockingIOError:
+            return []
+        except OSError:
+            return None
+        return self._frames.feed(data) if data else None
+
+    def finish(self) -> Job | None:
+        """Forget the running job (its reply is in) and return it; a busy process is idle again."""
+        if self.state is ProcessState.BUSY:
+            self.move(ProcessState.IDLE)
+        job, self.job = self.job, None
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        self._pending = []
+        self._writable.stop()
+        return job
+
+    def exit_status(self) -> str:
+        """Reap the process (in a greenlet) and describe how it ended."""
+        try:
+            code = self.popen.wait(timeout=STOP_TIMEOUT)
+        except gevent.subprocess.TimeoutExpired:
+            self.popen.kill()
+            code = self.popen.wait()
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = "unknown signal"
+            return f"was killed by signal {-code} ({name})"
+        return f"exited with code {code}"
+
+    def retire(self) -> None:
+        """Stop reading it and let it exit: close its input, and kill it if it lingers (in a greenlet)."""
+        self.move(ProcessState.RETIRING)
+        self.readable.stop()
+        gevent.spawn(self._exit)
+
+    def _exit(self) -> None:
+        """Greenlet: close its input so it exits; kill it if it lingers."""
+        try:
+            self.popen.stdin.close()
+            self.popen.wait(timeout=STOP_TIMEOUT)
+        except (OSError, gevent.subprocess.TimeoutExpired):
+            self.kill()
+        self.close()
+
+    def kill(self) -> None:
+        """Kill the process at once and reap it."""
+        with contextlib.suppress(OSError):
+            self.popen.kill()
+            self.popen.wait()
+        self.close()
+
+    def close(self) -> None:
+        """Release its watchers and pipes once it has exited (idempotent)."""
+        if self.state is ProcessState.DEAD:
+            return
+        self.move(ProcessState.DEAD)
+        self.readable.close()
+        self._writable.close()
+        if self._timer is not None:
+            self._timer.close()
+        for pipe in (self.popen.stdin, self.popen.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
