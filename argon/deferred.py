@@ -15,10 +15,12 @@ watcher. A plain thread waits on the future's lock, like any ``Future``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import enum
 import threading
-from collections.abc import Generator
+import time
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +29,9 @@ import greenlet
 from gevent._hub_local import get_hub_if_exists
 from gevent.hub import Waiter
 
-from argon.errors import ArgonError, TaskCancelled, TaskTimeout
+from argon.errors import TASK_ERRORS, ArgonError, TaskCancelled, TaskTimeout
+from argon.protocol import Failure, Result, StatusReply
+from argon.serialize import loads, loads_exception
 
 if TYPE_CHECKING:
     from argon.protocol import StatusRequest, Task
@@ -55,6 +59,24 @@ _MOVES = {
     RequestState.BACKOFF: {RequestState.SENT, RequestState.QUEUED, RequestState.DONE},
     RequestState.DONE: set(),
 }
+
+
+def decode(reply: Any) -> tuple[bool, Any]:
+    """Turn a reply into ``(True, value)`` or ``(False, exception)``."""
+    kind = type(reply)
+    if kind is Result:
+        try:
+            return True, loads(reply.value)
+        except Exception as exc:
+            return False, exc
+    if kind is Failure:
+        if reply.error == "TaskError":
+            return False, loads_exception(reply.payload, reply.message, reply.traceback)
+        error = TASK_ERRORS.get(reply.error, ArgonError)
+        return False, error(reply.message)
+    if kind is StatusReply:
+        return True, reply.status
+    return False, reply  # an exception set by the client itself
 
 
 class Signal:
@@ -284,7 +306,7 @@ class Deferred(concurrent.futures.Future):  # type: ignore[type-arg]
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 outcome = (False, TaskCancelled(f"task {self.id} was cancelled before it started"))
             else:
-                outcome = self._client._decode(self._reply)
+                outcome = decode(self._reply)
             self._outcome = outcome
         return outcome
 
@@ -331,6 +353,39 @@ class Deferred(concurrent.futures.Future):  # type: ignore[type-arg]
         return asyncio.wrap_future(self).__await__()
 
 
+def as_completed(deferreds: Iterable[Deferred], timeout: float | None = None) -> Iterator[Deferred]:
+    """Yield each deferred as soon as its result (or error) is in, waiting from any caller.
+
+    Stopping early (``break``) leaves nothing behind on the deferreds.
+
+    Raises:
+        TaskTimeout: Some were still not done when ``timeout`` seconds ran out.
+    """
+    waiting = list(deferreds)
+    finished: collections.deque[Deferred] = collections.deque()
+    signal = Signal()
+
+    def done(deferred: Any) -> None:
+        finished.append(deferred)
+        signal.set()
+
+    for deferred in waiting:
+        deferred.add_done_callback(done)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for _ in range(len(waiting)):
+            while not finished:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not signal.wait(left) and not finished:
+                    raise TaskTimeout(f"tasks still running after {timeout}s")
+                signal.clear()
+            yield finished.popleft()
+    finally:
+        signal.close()
+        for deferred in waiting:
+            deferred.remove_done_callback(done)
+
+
 class Wake:
     """A done callback that sets a :class:`Signal` (an object, so it can be removed again)."""
 
@@ -342,4 +397,3 @@ class Wake:
     def __call__(self, _: Any) -> None:
         """Set the signal (the future is done)."""
         self.signal.set()
-

@@ -151,11 +151,11 @@ def test_map_keeps_order_and_bounds_the_window(net):
     most_in_flight = 0
     for expected, value in enumerate(itertools.islice(results, 3000), start=1):
         assert value == expected
-        most_in_flight = max(most_in_flight, len(client._pending))
+        most_in_flight = max(most_in_flight, len(client._links.pending))
     results.close()
     assert most_in_flight <= 100
     assert next(consumed) <= 3000 + 100 + 1  # the input was read only as far as the window
-    wait_for(lambda: not client._pending, what="cancelled leftovers to settle")
+    wait_for(lambda: not client._links.pending, what="cancelled leftovers to settle")
 
 
 def test_map_raises_the_first_failure_in_order(net):
