@@ -41,7 +41,10 @@ setup(
         "lint": ["ruff>=0.5", "mypy>=1.8"],
         "progress": ["tqdm>=4.60"],
         "metrics": ["prometheus_client>=0.17"],
-        "bench": ["matplotlib", "dask[distributed]", "ray", "celery[redis]", "redis"],
+        # The baselines of bench/run.py (tested with matplotlib 3.11, dask 2026.8, ray 2.60,
+        # celery 5.7 and redis 8.1 on Python 3.11); the Celery baseline also needs the
+        # redis-server program, which pip cannot install (Debian: apt-get install redis-server).
+        "bench": ["matplotlib>=3.7", "dask[distributed]>=2024.1", "ray>=2.9", "celery[redis]>=5.3", "redis>=5.0"],
         "docs": ["sphinx>=7.2,<10", "myst-parser>=2.0,<6", "furo>=2024.1.29"],
     },
     classifiers=[

@@ -15,9 +15,11 @@ This module imports neither gevent nor argon, so each baseline runs in a clean p
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import multiprocessing
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -98,12 +100,26 @@ def _ppe() -> Iterator[Peer]:
 
 
 @contextlib.contextmanager
+def _scratch(peer: str) -> Iterator[str]:
+    """A temp dir for a peer's own files (Ray's session, Dask's spill space), removed afterwards."""
+    path = tempfile.mkdtemp(prefix=f"argon-bench-{peer}-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def _dask() -> Iterator[Peer]:
+    import dask
     from dask.distributed import Client, LocalCluster
 
     with (
+        _scratch("dask") as temp,
+        dask.config.set({"temporary-directory": temp}),  # not /tmp/dask-scratch-space
         LocalCluster(
-            n_workers=PROCESSES, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+            n_workers=PROCESSES, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+            local_directory=temp,
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -116,21 +132,25 @@ def _dask() -> Iterator[Peer]:
 
 @contextlib.contextmanager
 def _ray() -> Iterator[Peer]:
+    # Ray 2.5x turns token authentication on for a new local cluster and, unless given a
+    # token, writes one to ~/.ray/auth_token: give it a fresh one in the environment (its
+    # processes inherit it) so it stays on and nothing is left outside our temp dir.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     import ray
 
-    temp = tempfile.mkdtemp(prefix="argon-bench-ray-")
-    ray.init(num_cpus=PROCESSES, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             _temp_dir=temp)
-    try:
-        remote: dict[Any, Any] = {noop: ray.remote(noop), echo: ray.remote(echo)}
-        yield Peer(
-            lambda f, a: remote[f].remote(a),
-            lambda ref: ray.get(ref, timeout=60),
-            lambda f, args: ray.get([remote[f].remote(a) for a in args], timeout=300),
-        )
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+    with _scratch("ray") as temp:
+        ray.init(num_cpus=PROCESSES, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=temp)
+        try:
+            remote: dict[Any, Any] = {noop: ray.remote(noop), echo: ray.remote(echo)}
+            yield Peer(
+                lambda f, a: remote[f].remote(a),
+                lambda ref: ray.get(ref, timeout=60),
+                lambda f, args: ray.get([remote[f].remote(a) for a in args], timeout=300),
+            )
+        finally:
+            ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -146,7 +166,7 @@ def _celery() -> Iterator[Peer]:
 
 
 PEERS = {"pool": _pool, "ppe": _ppe, "dask": _dask, "ray": _ray, "celery": _celery}
-MODULES = {"dask": "distributed", "ray": "ray", "celery": "celery"}
+MODULES = {"dask": ("distributed",), "ray": ("ray",), "celery": ("celery", "redis")}
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -154,14 +174,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     peer, mode = argv[0], argv[1]
     count = int(argv[2]) if len(argv) > 2 else 1000
     size = int(argv[3]) if len(argv) > 3 else 0
-    module = MODULES.get(peer)
-    if module is not None:
-        try:
-            __import__(module)
-            if peer == "celery":
-                __import__("redis")
-        except ImportError as exc:
-            return {"skipped": f"not installed: {exc.name}"}
+    # Looked up, not imported: importing Ray here would fix its settings before _ray sets them.
+    for module in MODULES.get(peer, ()):
+        if importlib.util.find_spec(module) is None:
+            return {"skipped": f"not installed: {module}"}
     t0 = time.perf_counter()
     with PEERS[peer]() as runner:
         started = time.perf_counter() - t0

@@ -24,16 +24,21 @@ that is not installed is reported as skipped, never estimated.
 
 ```sh
 pip install -e '.[bench]'          # matplotlib, dask[distributed], ray, celery[redis], redis
-apt-get install -y redis-server    # optional: the Celery baseline's broker (skipped without it)
-python bench/run.py                # everything, about 6-9 minutes on 2 cores
-python bench/run.py --quick        # a short smoke run, about a minute and a half
+apt-get install -y redis-server    # the Celery baseline's broker (Debian/Ubuntu; brew install redis on macOS)
+python bench/run.py                # everything, about 8-12 minutes on 2 cores
+python bench/run.py --quick        # a short smoke run, about two minutes
 python bench/run.py --only latency # one scenario (names: {names})
 ```
 
+The Python baselines come from the `bench` extra; the Celery baseline also needs the
+`redis-server` program on the `PATH` (only the program: the benchmark starts a private
+one on a free loopback port for each measurement and stops it, so no Redis service needs
+to be running). A baseline whose packages or program are missing is skipped and says so.
 Each scenario prints its table and target verdicts, writes `bench/results/<scenario>.json`
 and `bench/results/<scenario>.png`, and this page is regenerated from every record present.
 All servers (Argon, Redis, Celery, Dask, Ray) listen on 127.0.0.1 only and are killed, with
-their process groups, when each measurement ends.
+their process groups, when each measurement ends; Ray's and Dask's files go to temporary
+directories that are removed with them.
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -17,13 +18,13 @@ then waits for every result. Argon runs a manager and one worker with 2 pool pro
 same function in the same run, each in a fresh process: `multiprocessing.Pool(2).apply_async`,
 `ProcessPoolExecutor(2).submit`, Dask distributed (`LocalCluster` of 2 single-threaded
 worker processes, `map` + `gather`), Ray (`num_cpus=2`, `remote` + one `ray.get` of the
-list) and Celery 5 with Redis (2 prefork processes, `delay` + `get`). Dask, Ray and Celery
-get fewer tasks because they are two orders of magnitude slower; the rate is what counts.
-Argon (through a manager and stand-alone), Pool and ProcessPoolExecutor take turns, three
-rounds with the order rotated, and each figure is the median of its rounds, so changes in
-the machine's load hit them alike. The CPU table shows how busy each Argon process was
-while tasks went through the manager: a total well under 200% (2 cores) means the rate was
-bounded by round trips rather than by CPU."""
+list) and Celery 5 with Redis (2 prefork processes, `delay` + `get`, on a redis-server of
+its own). Dask, Ray and Celery get fewer tasks because they are one to two orders of
+magnitude slower; the rate is what counts, and their start-up is not timed. Everything
+takes turns: three rounds with the order rotated, and each figure is the median of its
+rounds, so changes in the machine's load hit them alike. The CPU table shows how busy each
+Argon process was while tasks went through the manager: a total well under 200% (2 cores)
+means the rate was bounded by round trips rather than by CPU."""
 
 WARMUP = 500
 
@@ -93,20 +94,24 @@ class CpuShare:
 
 
 def median_rate(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Merge repeated baseline results: the median rate, or the first skip reason."""
-    rates = [r["rate"] for r in results if "rate" in r]
-    if not rates:
+    """Merge one baseline's rounds: the median rate of those that ran, or the first skip reason.
+
+    Rounds that failed are kept in ``failed_rounds`` so the record says so.
+    """
+    ran = [r for r in results if "rate" in r]
+    if not ran:
         return results[0]
-    return {**results[0], "rate": common.median(rates), "rates": rates}
+    merged = {**ran[0], "rate": common.median([r["rate"] for r in ran]), "rates": [r["rate"] for r in ran]}
+    failed = [r.get("skipped", "no result") for r in results if "rate" not in r]
+    if failed:
+        merged["failed_rounds"] = failed
+    return merged
 
 
-def baselines(counts: dict[str, int]) -> dict[str, dict[str, Any]]:
-    """Run each baseline peer's throughput measurement with its task count."""
-    out = {}
-    for peer, count in counts.items():
-        args = [peer, "throughput", str(count)]
-        out[peer] = common.celery_baseline(args, 300) if peer == "celery" else common.run_baseline(args, 300)
-    return out
+def baseline(peer: str, count: int) -> dict[str, Any]:
+    """One round of a baseline peer's throughput measurement, in fresh processes."""
+    args = [peer, "throughput", str(count)]
+    return common.celery_baseline(args, 300) if peer == "celery" else common.run_baseline(args, 300)
 
 
 LABELS = {
@@ -132,16 +137,15 @@ def run(quick: bool) -> dict[str, Any]:
             with cpu:
                 return count / argon_batch(via, count)
 
+        counts = {"pool": count, "ppe": count, "dask": small, "ray": small, "celery": small // 2}
         runs = common.interleave(repeats, {
             "argon": argon_run,
             "direct": lambda: count / argon_batch(direct, count),
-            "pool": lambda: common.run_baseline(["pool", "throughput", str(count)], 300),
-            "ppe": lambda: common.run_baseline(["ppe", "throughput", str(count)], 300),
+            **{peer: functools.partial(baseline, peer, n) for peer, n in counts.items()},
         })
     argon: dict[str, Any] = {"tasks": count, "rates": runs["argon"], "rate": common.median(runs["argon"])}
     direct_rates: dict[str, Any] = {"tasks": count, "rates": runs["direct"], "rate": common.median(runs["direct"])}
-    peers = {"pool": median_rate(runs["pool"]), "ppe": median_rate(runs["ppe"])}
-    peers.update(baselines({"dask": small, "ray": small, "celery": small // 2}))
+    peers = {peer: median_rate(runs[peer]) for peer in counts}
     rate = argon["rate"]
     rows: list[list[Any]] = [
         ["Argon: client -> manager -> worker(2)", argon["tasks"], common.fmt(rate), "1.00x"],
@@ -155,6 +159,8 @@ def run(quick: bool) -> dict[str, Any]:
         else:
             rows.append([LABELS[peer], result["tasks"], common.fmt(result["rate"]),
                          common.fmt_ratio(common.ratio(rate, result["rate"]))])
+            for reason in result.get("failed_rounds", []):
+                record["skipped"].append(f"{LABELS[peer]}: one round of {repeats} failed ({reason})")
     record["tables"].append({
         "caption": "Trivial tasks per second (Argon's rate divided by each system's, same run)",
         "columns": ["system", "tasks", "tasks/s", "Argon (manager) / this"],
