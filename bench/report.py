@@ -112,7 +112,11 @@ def write(path: Path = DOC) -> Path:
     records = load()
     parts = [INTRO.format(names=", ".join(ORDER))]
     if records:
-        parts += ["## Machine", "", _machine(records[-1]["machine"]), ""]
+        # Scenarios may be rerun one at a time (--only): describe the machine as the newest
+        # record found it, and say which record that is.
+        newest = max(records, key=lambda rec: rec["started"])
+        parts += ["## Machine", "", f"As recorded by the newest run ({newest['scenario']}, {newest['started']}): "
+                  + _machine(newest["machine"]), ""]
         parts += ["## Targets at a glance", "", _summary(records), ""]
     else:
         parts.append("No results yet: run the command above.\n")
