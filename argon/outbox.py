@@ -19,7 +19,8 @@ import gevent.event
 
 from argon import defaults
 from argon.errors import MessageTooLarge
-from argon.protocol import BIG, Hello, Message, batch_body, encode_parts, frame_parts
+from argon.framing import BIG, frame_parts
+from argon.protocol import Hello, Message, batch_body, encode_parts
 from argon.security import MAC_BYTES, FrameSigner
 
 #: Most buffers one ``sendmsg`` takes.

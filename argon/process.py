@@ -22,7 +22,8 @@ import gevent
 import gevent.subprocess
 
 from argon.errors import ProcessDied
-from argon.protocol import Buffer, Failure, FrameBuffer, Hello, Result, Task, decode, encode_parts, frame_parts
+from argon.framing import Buffer, FrameBuffer, frame_parts
+from argon.protocol import Failure, Hello, Result, Task, decode, encode_parts
 from argon.states import ProcessState, advance
 
 Reply = Result | Failure

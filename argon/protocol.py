@@ -1,11 +1,11 @@
-"""The wire protocol: length-prefixed frames carrying msgpack-encoded messages.
+"""The wire protocol's messages: their types and their msgpack encoding.
 
-A frame is a 4-byte big-endian length ``L`` followed by ``L`` bytes: a MAC (on
-authenticated connections, see :mod:`argon.security`) and then the body. The body is a
-msgpack array ``[kind, field, ...]``: ``kind`` is a small integer naming the message type
-and the fields follow in declaration order. Fields added in later protocol versions go
-at the end with defaults, so a peer ignores fields it does not know and fills in the
-ones an older peer did not send.
+Each message is the body of one frame (:mod:`argon.framing`: a length, a MAC when
+there is a key, then the body). The body is a msgpack array ``[kind, field, ...]``:
+``kind`` is a small integer naming the message type and the fields follow in
+declaration order. Fields added in later protocol versions go at the end with defaults,
+so a peer ignores fields it does not know and fills in the ones an older peer did not
+send.
 
 This is the only module that imports msgpack. Task code and arguments travel as opaque
 ``bytes`` fields: nothing here (nor in the manager) ever deserializes them.
@@ -13,26 +13,17 @@ This is the only module that imports msgpack. Task code and arguments travel as 
 
 from __future__ import annotations
 
-import struct
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import msgpack
 
 from argon import defaults
 from argon.errors import ProtocolError
+from argon.framing import BIG, Buffer
 
 #: Bumped when a change would break older peers; older peers are refused at hello.
 #: Version 2 (Argon 0.2): credits, steal-back and batch frames; ``Ready`` is retired.
 VERSION = 2
-
-#: Frame header: the length of the rest of the frame.
-HEADER = struct.Struct("!I")
-
-#: Payloads at least this large travel as buffers of their own (see :func:`encode_parts`).
-BIG = 64 * 1024
-
-#: What frames and bodies may be held in: large ones are read in place, not copied.
-Buffer = bytes | bytearray | memoryview
 
 # msgpack decodes to exact builtin types, so fields are checked with exact type sets
 # (which also keeps a bool from passing as an int).
@@ -44,7 +35,6 @@ _LIST = frozenset({list})
 _NUMBER = frozenset({float, int})
 _OPT_NUMBER = frozenset({float, int, type(None)})
 _OPT_BYTES = frozenset({bytes, type(None)})
-_LIST = frozenset({list})
 
 
 class Hello(NamedTuple):
@@ -423,122 +413,3 @@ def _bin_header(size: int) -> bytes:
     if size < 0x10000:
         return b"\xc5" + size.to_bytes(2, "big")
     return b"\xc6" + size.to_bytes(4, "big")
-
-
-def frame(body: bytes, mac: bytes = b"") -> bytes:
-    """Build a frame: header, then ``mac``, then ``body``."""
-    return HEADER.pack(len(mac) + len(body)) + mac + body
-
-
-def frame_parts(parts: list[bytes], mac: bytes = b"", body_size: int | None = None) -> list[bytes]:
-    """A frame made of the buffers of :func:`encode_parts`: the header joins the first one.
-
-    ``body_size`` (the parts' total length) saves adding them up again when it is known.
-    """
-    if body_size is None:
-        body_size = sum(len(part) for part in parts)
-    return [HEADER.pack(len(mac) + body_size) + mac + parts[0], *parts[1:]]
-
-
-class FrameBuffer:
-    """Splits a byte stream into frames, refusing any frame over ``max_frame`` bytes.
-
-    The length is checked as soon as the header arrives, before the frame's bytes are
-    read, so an oversized claim costs nothing. A large frame is received into chunks of
-    ``CHUNK`` bytes (the reader fills them in place: :meth:`space`, :meth:`filled`), so
-    memory grows with the bytes that really arrive, never with what a header claims.
-    """
-
-    CHUNK = 1 << 20
-
-    def __init__(self, max_frame: int) -> None:
-        self.max_frame = max_frame
-        self._buf = bytearray()
-        self._chunks: list[bytearray] | None = None  # a large frame being received
-        self._need = 0
-        self._have = 0
-        self._fill = 0
-
-    def feed(self, data: bytes | memoryview) -> list[Buffer]:
-        """Add received bytes and return the frames they complete (without headers).
-
-        Raises:
-            ProtocolError: A header claims more than ``max_frame`` bytes.
-        """
-        frames: list[Buffer] = []
-        view = memoryview(data)
-        while self._chunks is not None and view:  # the rest of a large frame
-            space = self.space()
-            assert space is not None
-            count = min(len(space), len(view))
-            space[:count] = view[:count]
-            frames += self.filled(count)
-            view = view[count:]
-        if not view:
-            return frames
-        buf = self._buf
-        buf += view
-        pos = 0
-        end = len(buf)
-        rest = b""
-        with memoryview(buf) as whole:
-            while end - pos >= 4:
-                (size,) = HEADER.unpack_from(buf, pos)
-                if size > self.max_frame:
-                    raise ProtocolError(f"frame of {size} bytes exceeds the {self.max_frame} byte limit")
-                if end - pos - 4 < size:
-                    if size >= BIG:  # receive the rest in place, chunk by chunk
-                        self._chunks, self._need, self._have, self._fill = [], size, 0, 0
-                        rest = bytes(whole[pos + 4 : end])
-                        pos = end
-                    break
-                frames.append(bytes(whole[pos + 4 : pos + 4 + size]))
-                pos += 4 + size
-        if pos:
-            del buf[:pos]
-        if self._chunks is not None and rest:
-            frames += self.feed(rest)
-        return frames
-
-    def space(self) -> memoryview | None:
-        """Where to receive more of a large frame directly, if one is pending."""
-        chunks = self._chunks
-        if chunks is None:
-            return None
-        if not chunks or self._fill == len(chunks[-1]):
-            # Chunks grow with what has arrived (64 KiB, then doubling up to CHUNK): a
-            # header that claims a lot but sends little costs little.
-            size = min(self.CHUNK, max(BIG, self._have), self._need - self._have)
-            chunks.append(bytearray(size))
-            self._fill = 0
-        return memoryview(chunks[-1])[self._fill :]
-
-    def filled(self, count: int) -> list[Buffer]:
-        """Note ``count`` bytes received into :meth:`space`; return the frame once complete."""
-        self._fill += count
-        self._have += count
-        chunks = self._chunks
-        if chunks is None or self._have < self._need:
-            return []
-        self._chunks = None
-        return [chunks[0] if len(chunks) == 1 else b"".join(chunks)]
-
-
-def read_frame(stream: BinaryIO, max_frame: int) -> bytes | None:
-    """Read one frame body from a blocking stream; None at a clean end of stream.
-
-    Raises:
-        ProtocolError: The stream ended inside a frame or the frame is too large.
-    """
-    header = stream.read(4)
-    if not header:
-        return None
-    if len(header) < 4:
-        raise ProtocolError("stream ended inside a frame header")
-    (size,) = HEADER.unpack(header)
-    if size > max_frame:
-        raise ProtocolError(f"frame of {size} bytes exceeds the {max_frame} byte limit")
-    body = stream.read(size)
-    if len(body) < size:
-        raise ProtocolError("stream ended inside a frame")
-    return body

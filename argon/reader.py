@@ -23,7 +23,8 @@ import gevent
 import gevent.event
 
 from argon.errors import ProtocolError
-from argon.protocol import Batch, Buffer, FrameBuffer, Message, Ping, decode
+from argon.framing import Buffer, FrameBuffer
+from argon.protocol import Batch, Message, Ping, decode
 from argon.security import FrameSigner
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,9 @@ import sys
 from typing import BinaryIO
 
 from argon.errors import TASK_ERROR, MessageTooLarge
+from argon.framing import frame_parts, read_frame
 from argon.osutil import die_with_parent
-from argon.protocol import VERSION, Failure, Hello, Result, Task, decode, encode_parts, frame_parts, read_frame
+from argon.protocol import VERSION, Failure, Hello, Result, Task, decode, encode_parts
 from argon.serialize import LoadedFunctions, dumps, dumps_exception, loads
 
 

@@ -36,7 +36,7 @@ from typing import Protocol
 import gevent.ssl
 
 from argon.errors import AuthenticationError, ProtocolError, ServerBusy, ShuttingDown
-from argon.protocol import BIG, Buffer
+from argon.framing import BIG, Buffer
 
 KEY_BYTES = 32
 MAC_BYTES = 32

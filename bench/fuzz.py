@@ -23,8 +23,9 @@ default), each on raw connections it reopens whenever the server closes one:
   MAC included), huge length claims, raw garbage, and with a key frames whose MAC is wrong.
 
 Each connection tracks what the server must make of the bytes sent so far (the rules of
-``argon.protocol``): after input the server must refuse, the script waits for the server
-to close the connection; one it keeps open past the handshake timeout counts as *hung*.
+``argon.framing`` and ``argon.protocol``): after input the server must refuse, the
+script waits for the server to close the connection; one it keeps open past the
+handshake timeout counts as *hung*.
 Meanwhile a real ``argon.Client`` keeps 16 trivial tasks in flight and checks every
 result. At the end the script prints frames sent, frames/s, connections opened and
 closed by the server, server crashes (manager or worker exited), client task failures,
@@ -75,9 +76,9 @@ import psutil
 
 from argon import ArgonError, Client, defaults
 from argon.errors import ProtocolError
+from argon.framing import HEADER, frame
 from argon.handshake import PYTHON
 from argon.protocol import (
-    HEADER,
     VERSION,
     Batch,
     Bye,
@@ -96,7 +97,6 @@ from argon.protocol import (
     Task,
     decode,
     encode,
-    frame,
 )
 from argon.security import MAC_BYTES, FrameSigner, client_handshake, load_key_file
 from bench import common
@@ -251,7 +251,7 @@ def preauth_garbage(rng: random.Random, keyed: bool) -> bytes:
 
 
 class Model:
-    """What the server makes of the bytes sent on one connection, by argon.protocol's rules."""
+    """What the server makes of the bytes sent on one connection, by argon.framing's and argon.protocol's rules."""
 
     def __init__(self, checker: FrameSigner | None, expect_hello: bool = False) -> None:
         self.checker = checker

@@ -9,11 +9,12 @@ the session key so they reach msgpack, and frames whose MAC is wrong).
 For every example the manager and the worker stay alive, the fuzzing connection is either
 closed by the server or still answers a status request, and nothing hangs (every read
 has a deadline). Whether the server must close the connection is predicted from
-:mod:`argon.protocol` alone (frame lengths, MACs, decoding, which messages a client may
-send), so a valid stream that gets closed, or an invalid one that is kept open, fails too.
-A well-behaved client keeps tasks in flight throughout (some deferred before the fuzzing
-starts) and must get every result; at the end, every connection the server closed on its
-own appears in the manager's log with its peer address and a reason.
+:mod:`argon.framing` and :mod:`argon.protocol` alone (frame lengths, MACs, decoding,
+which messages a client may send), so a valid stream that gets closed, or an invalid one
+that is kept open, fails too. A well-behaved client keeps tasks in flight throughout
+(some deferred before the fuzzing starts) and must get every result; at the end, every
+connection the server closed on its own appears in the manager's log with its peer
+address and a reason.
 """
 
 from __future__ import annotations
@@ -41,16 +42,15 @@ from hypothesis import strategies as st
 from argon import Client, TaskTimeout, defaults
 from argon.connection import Connection
 from argon.errors import ArgonError, ProtocolError
+from argon.framing import HEADER, FrameBuffer, frame
 from argon.handshake import PYTHON
 from argon.protocol import (
-    HEADER,
     VERSION,
     Batch,
     Bye,
     Cancel,
     Credit,
     Failure,
-    FrameBuffer,
     Handback,
     Hello,
     Message,
@@ -64,7 +64,6 @@ from argon.protocol import (
     Task,
     decode,
     encode,
-    frame,
 )
 from argon.security import MAC_BYTES, MAX_LINE, FrameSigner, Session, client_handshake, load_key_file
 
@@ -255,7 +254,7 @@ def render_all(pieces: list[tuple[Any, ...]], signer: FrameSigner | None) -> byt
 
 @dataclasses.dataclass
 class Prediction:
-    """What a server reading a stream will do, derived from argon.protocol alone.
+    """What a server reading a stream will do, derived from argon.framing and argon.protocol alone.
 
     Attributes:
         close: True if the server must close the connection, False if it must keep it,

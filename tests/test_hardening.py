@@ -33,6 +33,7 @@ from argon import (
 )
 from argon.backoff import Backoff
 from argon.connection import Connection
+from argon.framing import frame
 from argon.manager import Manager
 from argon.protocol import (
     VERSION,
@@ -48,7 +49,6 @@ from argon.protocol import (
     Task,
     decode,
     encode,
-    frame,
 )
 from argon.security import server_handshake
 from argon.serialize import dumps, dumps_function

@@ -20,14 +20,13 @@ from hypothesis import strategies as st
 from argon import defaults
 from argon.connection import Connection
 from argon.errors import ProtocolError
+from argon.framing import HEADER, FrameBuffer, frame, read_frame
 from argon.protocol import (
-    HEADER,
     Batch,
     Bye,
     Cancel,
     Credit,
     Failure,
-    FrameBuffer,
     Handback,
     Hello,
     Message,
@@ -42,8 +41,6 @@ from argon.protocol import (
     batch_body,
     decode,
     encode,
-    frame,
-    read_frame,
 )
 from argon.reader import Reader
 from argon.security import MAC_BYTES, FrameSigner, Session
@@ -674,10 +671,6 @@ def test_small_frame_cannot_claim_more_elements_than_it_has_bytes():
 
 def test_a_large_claimed_frame_costs_memory_only_as_its_bytes_arrive():
     """A header claiming 60 MB must not make the receiver reserve 60 MB up front."""
-    import tracemalloc
-
-    from argon.protocol import HEADER, FrameBuffer
-
     buffer = FrameBuffer(64 << 20)
     tracemalloc.start()
     try:

@@ -16,7 +16,8 @@ import msgpack
 import pytest
 
 from argon import AuthenticationError, Client, ConnectionLost, MessageTooLarge, ProtocolError, ServerBusy
-from argon.protocol import VERSION, Hello, StatusReply, StatusRequest, decode, encode, frame
+from argon.framing import frame
+from argon.protocol import VERSION, Hello, StatusReply, StatusRequest, decode, encode
 from argon.security import MAC_BYTES, client_handshake, load_key_file
 
 from conftest import ARGON, child_env, wait_for
