@@ -38,9 +38,9 @@ import gevent
 
 from argon import defaults
 from argon.connection import Connection
-from argon.dashboard import Recorder
 from argon.errors import ConnectionLost, MessageTooLarge, NoWorkers, ProtocolError, TaskCancelled, WorkerLost
 from argon.flow import Routes
+from argon.history import Recorder
 from argon.protocol import Bye, Credit, Failure, Handback, Message, Reclaim, Register, Result, Stats, Task
 from argon.server import ClientLink, Histogram, Server, ServerConfig
 from argon.states import WorkerState, advance

@@ -36,8 +36,8 @@ import psutil
 
 from argon import defaults
 from argon.backoff import Backoff
-from argon.dashboard import Recorder
 from argon.errors import ProcessDied, ProtocolError, TaskTimeout
+from argon.history import Recorder
 from argon.osutil import importable
 from argon.process import Job, PoolProcess, Reply
 from argon.protocol import Failure, Result, decode

@@ -42,10 +42,10 @@ import psutil
 from argon import defaults
 from argon.backoff import Backoff
 from argon.connection import Connection
-from argon.dashboard import CpuMeter, Recorder
 from argon.errors import ArgonError, ConnectionLost, ProtocolError, TaskCancelled
 from argon.flow import Prefetch, offers
 from argon.handshake import connect
+from argon.history import CpuMeter, Recorder
 from argon.pool import Pool
 from argon.process import Job, Reply
 from argon.protocol import (

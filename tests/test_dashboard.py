@@ -19,7 +19,7 @@ import gevent.subprocess
 import pytest
 
 from argon import LocalCluster
-from argon.dashboard import Recorder, percentiles
+from argon.history import Recorder, percentiles
 from argon.testing import read_ready
 
 from conftest import ArgonProcess, Network, child_env, make_key, wait_for
