@@ -128,7 +128,9 @@ def rows_by_host(client: Client) -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def testbed(tmp_path: Path, request: pytest.FixtureRequest, **hosts: Any) -> Iterator[tuple[netns.Testbed, Path]]:
+def hosts_on_a_bridge(
+    tmp_path: Path, request: pytest.FixtureRequest, **hosts: Any
+) -> Iterator[tuple[netns.Testbed, Path]]:
     """Host namespaces on a bridge and a key file; all removed afterwards (and checked to be)."""
     reason = netns.unavailable_reason()
     if reason:
@@ -149,7 +151,7 @@ def testbed(tmp_path: Path, request: pytest.FixtureRequest, **hosts: Any) -> Ite
 @pytest.fixture
 def lan(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lan]:
     """Three host namespaces (a manager, two workers) on a bridge, and a key file."""
-    with testbed(tmp_path, request) as (bed, key):
+    with hosts_on_a_bridge(tmp_path, request) as (bed, key):
         network = Lan(bed, key)
         try:
             yield network
@@ -377,7 +379,7 @@ MANAGER_HOSTS = ("manager1", "manager2", "manager3")
 @pytest.fixture
 def three_managers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[netns.Testbed, Path]]:
     """Three manager hosts and two worker hosts on a bridge, and a key file."""
-    with testbed(tmp_path, request, hosts=(*MANAGER_HOSTS, "worker1", "worker2")) as made:
+    with hosts_on_a_bridge(tmp_path, request, hosts=(*MANAGER_HOSTS, "worker1", "worker2")) as made:
         yield made
 
 
