@@ -26,7 +26,7 @@ from argon.connection import Connection
 from argon.errors import ConnectionLost, ProtocolError
 from argon.flow import Prefetch, Routes, offers
 from argon.keepalive import Keepalive
-from argon.manager import Manager, WorkerLink
+from argon.manager import Manager
 from argon.protocol import (
     VERSION,
     Bye,
@@ -43,6 +43,7 @@ from argon.protocol import (
 from argon.security import Session
 from argon.server import ClientLink, ServerConfig
 from argon.states import InvalidTransition, LinkState, ProcessState, WorkerState, advance
+from argon.worker_link import WorkerLink
 
 pytestmark = pytest.mark.timeout(10)
 
