@@ -45,7 +45,7 @@ from argon.server import Server
 from argon.states import LinkState
 from argon.status import WorkerStats
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("argon.worker")  # a worker's events, under the name users filter on
 
 
 def _tagged(tag: int, job: Job) -> bool:
