@@ -61,6 +61,8 @@ class Watched(Protocol):
     def oldest_arrival(self) -> float | None:  # noqa: D102 - monotonic arrival of the oldest queued task
         ...
 
+    dashboard_url: str  # where this dashboard is served, announced to peers
+
 
 def _plain(value: Any) -> Any:
     """``json.dumps`` fallback: status records become dicts, anything else its text."""
@@ -69,13 +71,22 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def peers(workers: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The other managers' dashboards, as this manager's workers reported them (sorted, each once).
+
+    A worker serving several managers tells each one where the others serve their
+    dashboards (see :attr:`~argon.status.WorkerStats.dashboards`).
+    """
+    urls = sorted({url for row in workers for url in row.get("dashboards", ())})
+    return [{"name": url.split("://", 1)[1].rstrip("/"), "url": url} for url in urls]
+
+
 class Dashboard:
     """The WSGI application: ``/`` (the page) and ``/api/status`` (its facts), read-only."""
 
     def __init__(self, server: Watched, page: bytes | None = None) -> None:
         self.server = server
         self.history = History()
-        self.peers: list[dict[str, str]] = []  # other managers' dashboards, once there are several
         self.page = PAGE.read_bytes() if page is None else page
         self.policy = content_policy(self.page.decode())
         self._slow: tuple[int, bytes] = (-1, b"")
@@ -105,7 +116,7 @@ class Dashboard:
             "departed": [row for row in server.recorder.departed_since() if row["id"] not in registered],
             "oldest_queued": round(time.monotonic() - oldest, 3) if oldest is not None else None,
             "security": {"key": config.key is not None, "tls": config.tls is not None, "insecure": config.insecure},
-            "peers": self.peers,
+            "peers": peers(status["workers"]),
             "time": round(time.time(), 3),
         }
 
@@ -336,4 +347,5 @@ def serve_dashboard(server: Watched, host: str, port: int) -> DashboardServer:
     config = server.config
     http = DashboardServer((host, port), Dashboard(server), config.tls, config.handshake_timeout)
     http.start()
+    server.dashboard_url = http.url
     return http

@@ -87,6 +87,9 @@ more (it hands back any task that crossed its goodbye)."""
 STATUS_TIMEOUT = 10.0
 """Seconds a client waits for a status reply."""
 
+MAX_DASHBOARDS = 16
+"""Most other managers' dashboard addresses a worker reports to a manager (and a manager accepts)."""
+
 FUNCTION_CACHE = 256
 """Deserialized functions a pool process keeps, keyed by their serialized bytes."""
 

@@ -61,9 +61,11 @@ def _tune(sock: Any) -> None:
 
 
 
-def _hello(role: str, name: str, heartbeat: float, max_frame: int, max_items: int = defaults.MAX_ITEMS) -> Hello:
+def _hello(
+    role: str, name: str, heartbeat: float, max_frame: int, max_items: int = defaults.MAX_ITEMS, dashboard: str = ""
+) -> Hello:
     batch = min(defaults.BATCH_MESSAGES, max_items)  # a batch is one array: max_items bounds it
-    return Hello(VERSION, role, name, __version__, PYTHON, SERIALIZER, heartbeat, max_frame, batch)
+    return Hello(VERSION, role, name, __version__, PYTHON, SERIALIZER, heartbeat, max_frame, batch, dashboard)
 
 
 def _check_hello(msg: Message, peer: str) -> Hello:
@@ -172,6 +174,7 @@ def accept(
     tls: _stdssl.SSLContext | None = None,
     heartbeat: float = defaults.HEARTBEAT,
     max_items: int = defaults.MAX_ITEMS,
+    dashboard: str = "",
 ) -> Connection:
     """Run the server side of a new connection's handshake.
 
@@ -187,6 +190,7 @@ def accept(
         tls: A server-side SSL context, or None.
         heartbeat: This side's heartbeat interval (see :meth:`Connection.serve`).
         max_items: Most elements in any array or map of a message from the peer.
+        dashboard: This server's dashboard URL, announced in its hello (empty: none).
 
     Raises:
         ArgonError: The peer failed the handshake (the caller logs it; ``sock`` is
@@ -215,7 +219,7 @@ def accept(
                 with contextlib.suppress(OSError):
                     conn.send_now(Bye(str(exc), ProtocolError.__name__))  # say why, so the peer's error can too
                 raise
-            conn.send_now(_hello(role, name, heartbeat, max_frame, max_items))
+            conn.send_now(_hello(role, name, heartbeat, max_frame, max_items, dashboard))
             return conn
     except BaseException as exc:
         # Also when this greenlet is killed (a server sheds an unfinished handshake): the

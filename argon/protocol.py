@@ -53,6 +53,9 @@ class Hello(NamedTuple):
             one and reports a clear error instead (0: not announced).
         batch: Most messages the sender accepts in one :class:`Batch` frame (0: send it
             none).
+        dashboard: Where the sender serves its web dashboard (``http://host:port/``), or
+            empty; a worker passes its managers' on to each other (see
+            :attr:`~argon.status.WorkerStats.dashboards`).
     """
 
     version: int
@@ -64,6 +67,7 @@ class Hello(NamedTuple):
     heartbeat: float = 0.0
     max_frame: int = 0
     batch: int = 0
+    dashboard: str = ""
 
 
 class Task(NamedTuple):
@@ -254,7 +258,7 @@ Message = (
 #: Wire kind of each message type, and the type of each field (checked on decode).
 #: Kind 6 (``Ready``, protocol version 1) is retired: :class:`Credit` replaced it.
 _SPEC: dict[type, tuple[int, tuple[frozenset[Any], ...]]] = {
-    Hello: (1, (_INT, _STR, _STR, _STR, _STR, _STR, _NUMBER, _INT, _INT)),
+    Hello: (1, (_INT, _STR, _STR, _STR, _STR, _STR, _NUMBER, _INT, _INT, _STR)),
     Task: (2, (_INT, _BYTES, _BYTES, _OPT_NUMBER)),
     Result: (3, (_INT, _BYTES)),
     Failure: (4, (_INT, _STR, _STR, _OPT_BYTES, _STR)),

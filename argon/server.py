@@ -146,6 +146,9 @@ class Server:
         self.rejected = 0
         #: Set once :meth:`stop` has begun: new connections and tasks are refused.
         self.stopping = False
+        #: Where this server's dashboard is served, announced to peers in its hello (set by
+        #: :func:`~argon.dashboard.serve_dashboard` once its port is bound; empty: none).
+        self.dashboard_url = ""
         #: Why this server stopped on its own (a worker whose pool broke), or None.
         self.failure: str | None = None
         self._connections: set[Connection] = set()
@@ -239,6 +242,7 @@ class Server:
                 heartbeat=config.heartbeat,
                 timeout=config.handshake_timeout,
                 max_items=config.max_items,
+                dashboard=self.dashboard_url,
             )
         except (ArgonError, OSError) as exc:
             if self._handshaking.pop(me, None) is not None:  # a shed one was logged already

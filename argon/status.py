@@ -13,6 +13,7 @@ and :func:`render_network` shows every manager (or that it is down) and the tota
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, TypeVar
 
 R = TypeVar("R", bound="_Record")
@@ -72,6 +73,8 @@ class WorkerStats(_Record):
         handed_back: Tasks handed back to the manager unstarted (steal-back, stalls, drain).
         started: When the worker started (``time.time()``).
         cpu: CPU use of the worker and its pool processes since its last report (% of one core).
+        dashboards: Where the worker's other managers serve their dashboards, as the worker
+            reaches them (each manager's dashboard links to the others it learns of this way).
     """
 
     rss: int = 0
@@ -82,6 +85,26 @@ class WorkerStats(_Record):
     handed_back: int = 0
     started: float = 0.0
     cpu: float = 0.0
+    dashboards: list[str] = dataclasses.field(default_factory=list)
+
+
+#: A dashboard address a worker may report: ``http(s)://host:port/`` and nothing else.
+DASHBOARD_URL = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}/")
+
+
+def reachable_dashboard(url: str, dialed: str) -> str:
+    """A manager's announced dashboard ``url`` as seen from a worker that dialed ``dialed``.
+
+    A manager listening on every address (``0.0.0.0``, ``::``) announces that address;
+    the host the worker reached it at is the one to link to. Returns "" for anything
+    that is not a plain ``http(s)://host:port/`` address.
+    """
+    scheme, _, rest = url.partition("://")
+    host, _, port = rest.rstrip("/").rpartition(":")
+    if host in ("0.0.0.0", "[::]", ""):
+        host = f"[{dialed}]" if ":" in dialed else dialed
+    candidate = f"{scheme}://{host}:{port}/"
+    return candidate if len(candidate) <= 200 and DASHBOARD_URL.fullmatch(candidate) else ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,7 @@ from argon.process import Job, Reply
 from argon.protocol import Bye, Credit, Handback, Message, Reclaim, Register, Stats, StatusReply, StatusRequest, Task
 from argon.server import Server
 from argon.states import LinkState
-from argon.status import WorkerStats
+from argon.status import WorkerStats, reachable_dashboard
 
 log = logging.getLogger("argon.worker")  # a worker's events, under the name users filter on
 
@@ -287,10 +287,22 @@ class Uplink:
     def _report_stats(self, conn: Connection) -> None:
         while not conn.closed:
             try:
-                conn.send(Stats(self.figures().as_dict()))
+                conn.send(Stats({**self.figures().as_dict(), "dashboards": self._other_dashboards(conn)}))
             except ConnectionLost:
                 return
             gevent.sleep(max(self.worker.config.heartbeat, 1.0) * 5)
+
+    def _other_dashboards(self, conn: Connection) -> list[str]:
+        """Where this worker's other managers serve their dashboards (as it reaches them)."""
+        urls = []
+        for link in self.links:
+            other = link.conn
+            if other is None or other is conn or other.closed or other.hello is None or not other.hello.dashboard:
+                continue
+            url = reachable_dashboard(other.hello.dashboard, link.address[0])
+            if url and url not in urls:
+                urls.append(url)
+        return urls[: defaults.MAX_DASHBOARDS]
 
     # -- credit ---------------------------------------------------------------------------------
 

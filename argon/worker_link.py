@@ -18,7 +18,7 @@ from argon.errors import ProtocolError
 from argon.protocol import Credit, Register, Stats, Task
 from argon.server import ClientLink
 from argon.states import WorkerState, advance
-from argon.status import WorkerRow, WorkerStats
+from argon.status import DASHBOARD_URL, WorkerRow, WorkerStats
 
 
 class Ticket:
@@ -61,6 +61,13 @@ def _checked_stats(values: dict[str, Any], capacity: int) -> dict[str, Any]:
     processes = values.get("processes", [])
     if type(processes) is not list or len(processes) > capacity or any(type(p) is not dict for p in processes):
         raise ProtocolError(f"worker stats: process rows {processes!r:.40} for {capacity} processes")
+    dashboards = values.get("dashboards", [])
+    if (
+        type(dashboards) is not list
+        or len(dashboards) > defaults.MAX_DASHBOARDS
+        or not all(type(url) is str and len(url) <= 200 and DASHBOARD_URL.fullmatch(url) for url in dashboards)
+    ):
+        raise ProtocolError(f"worker stats: dashboards {dashboards!r:.60}")
     return values
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from argon import LocalCluster
 from argon.history import Recorder, percentiles
+from argon.status import reachable_dashboard
 from argon.testing import read_ready
 
 from conftest import ArgonProcess, Network, child_env, make_key, wait_for
@@ -95,6 +96,20 @@ def _closed_within(sock: Any, seconds: float) -> bool:
 
 
 # -- the recorder, in-process ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("announced", "dialed", "expected"), [
+    ("http://10.0.0.5:8080/", "10.0.0.5", "http://10.0.0.5:8080/"),
+    ("http://0.0.0.0:8080/", "mgr1.example", "http://mgr1.example:8080/"),  # listening everywhere
+    ("https://[::]:8443/", "fd00::1", "https://[fd00::1]:8443/"),
+    ("javascript:alert(1)", "10.0.0.5", ""),
+    ("http://10.0.0.5:8080/x?<script>", "10.0.0.5", ""),
+    ("", "10.0.0.5", ""),
+])
+def test_a_managers_announced_dashboard_is_linked_as_the_worker_reaches_it(announced, dialed, expected):
+    assert reachable_dashboard(announced, dialed) == expected
+
+
 
 
 def test_percentiles_are_nearest_rank_over_the_window():
@@ -241,6 +256,20 @@ def test_lost_and_drained_workers_are_shown_as_such(net: Network):
     assert states == {doomed.port: "lost", leaving.port: "left"}
     assert [w["port"] for w in seen["workers"]] == [staying.port]
     assert all(w["busy"] == 0 and w["since"] <= time.time() for w in seen["departed"])
+
+
+@pytest.mark.timeout(60)
+def test_each_managers_page_links_to_the_other_managers_its_workers_know(net: Network):
+    managers = [net.manager("--dashboard-port", "0") for _ in range(3)]
+    pages = [dashboard_of(m) for m in managers]
+    urls = [f"http://{host}:{port}/" for host, port in pages]
+    net.start("worker", "--manager", ",".join(m.address for m in managers), "--workers", "1")
+    for i, page in enumerate(pages):  # stats reach each manager every few heartbeats
+        others = sorted(url for j, url in enumerate(urls) if j != i)
+        seen = wait_for(lambda page=page, others=others: [p["url"] for p in api(page)["peers"]] == others and api(page),
+                        30, what=f"manager {i}'s page to link to the other two")
+        assert all(p["name"] == p["url"][len("http://"):-1] for p in seen["peers"])
+        assert sorted(seen["workers"][0]["dashboards"]) == others
 
 
 @pytest.mark.timeout(60)

@@ -430,8 +430,12 @@ def test_a_worker_claiming_more_free_processes_than_it_has_is_disconnected(net):
         (Register("neg", "127.0.0.1", -1, 1, 1), None, "port -1"),
         (Register("ok", "127.0.0.1", 1, 1, 1), {"rss": -5}, "rss is -5"),
         (Register("ok", "127.0.0.1", 1, 1, 1), {"processes": [{}, {}, {}]}, "process rows"),
+        (Register("ok", "127.0.0.1", 1, 1, 1), {"dashboards": ["javascript:alert(1)//:1/"]}, "dashboards"),
+        (Register("ok", "127.0.0.1", 1, 1, 1), {"dashboards": ["http://a.example:1/"] * 17}, "dashboards"),
+        (Register("ok", "127.0.0.1", 1, 1, 1), {"dashboards": "http://a.example:1/"}, "dashboards"),
     ],
-    ids=["capacity", "free", "port", "negative-rss", "too-many-processes"],
+    ids=["capacity", "free", "port", "negative-rss", "too-many-processes", "script-dashboard", "many-dashboards",
+         "dashboards-not-a-list"],
 )
 def test_absurd_registrations_and_stats_close_the_link_with_a_reason(net, register, stats, reason):
     manager = net.manager()
