@@ -156,6 +156,10 @@ PREFETCH_MAX_HORIZON = 0.02
 """Most seconds of work a worker keeps waiting per process, however slow its round trips:
 tasks of this length or longer are not prefetched."""
 
+PIPELINE_BYTES = 64 * 1024
+"""Largest task (encoded) a worker queues behind a pool process's running task, so the process
+starts it without waiting for the worker; larger ones go only to idle processes."""
+
 MAX_PREFETCH = 64
 """Most tasks a worker holds beyond its processes, however short its tasks are."""
 

@@ -200,6 +200,10 @@ class Prefetch:
         wanted = min(self.limit, int(processes * horizon / max(typical, 1e-6)))
         return 1 << (wanted.bit_length() - 1) if wanted else 0
 
+    def short(self) -> bool:
+        """Whether tasks are short enough to pipeline one behind each running task (see :mod:`argon.pool`)."""
+        return self.depth(1) > 0
+
     def stalled(self, youngest: float) -> bool:
         """Whether processes whose newest task started ``youngest`` seconds ago are stuck."""
         return youngest > max(self.stall_after, 8 * (self.typical or 0.0))

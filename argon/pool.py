@@ -9,9 +9,13 @@ submits it, and the reply is read by an I/O watcher callback that hands it on an
 gives the process its next job, so the common path costs no greenlet switch. Only the
 rare paths (starting, replacing and reaping processes) run in greenlets.
 
-Jobs wait in the pool's one queue, never in a process's pipe: a task is written to a
-process only when that process is idle, so no task waits behind a running one while
-another process of the pool is free.
+Jobs wait in the pool's one queue. So that a process need not idle for a round trip to
+the worker between short tasks, a small job may also wait behind a process's running
+task, one per process (*pipelined*, see :mod:`argon.process`): the process starts it as
+soon as it has replied. Until then the pool can take it back, and does so whenever
+another process has nothing to do, when the job is cancelled, and when its process
+dies; so no task waits behind a running one while another process of the pool is free,
+and none runs twice.
 
 A process that dies fails only its task, with :class:`~argon.errors.ProcessDied`, and is
 replaced. A task that overruns its time limit has its process killed and fails with
@@ -39,7 +43,7 @@ from argon.backoff import Backoff
 from argon.errors import ProcessDied, ProtocolError, TaskTimeout
 from argon.history import Recorder
 from argon.osutil import importable
-from argon.process import Job, PoolProcess, Reply
+from argon.process import Job, PoolProcess, Reply, encoded
 from argon.protocol import Failure, Result, decode
 from argon.states import ProcessState
 
@@ -68,6 +72,8 @@ class Pool:
         restart: Makes the :class:`~argon.backoff.Backoff` of each attempt to start a process.
         observe: Called with each task's run time in seconds (from the moment it was
             written to its process to its reply), as the reply is delivered.
+        pipeline: Whether small jobs may now wait behind running ones (None: always);
+            a worker allows it only while its tasks are short (see :class:`~argon.flow.Prefetch`).
     """
 
     def __init__(
@@ -80,9 +86,11 @@ class Pool:
         on_broken: Callable[[str], None] | None = None,
         restart: Callable[[], Backoff] = Backoff.pool_start,
         observe: Callable[[float], None] | None = None,
+        pipeline: Callable[[], bool] | None = None,
     ) -> None:
         self.size = size or default_size()
         self._observe = observe
+        self._pipeline = pipeline
         self.max_requests = max_requests
         self.max_frame = max_frame
         self.python = python
@@ -97,6 +105,7 @@ class Pool:
         self.replaced = 0
         self._env = importable(dict(os.environ))  # tasks see the worker's environment
         self._jobs: deque[Job] = deque()
+        self._pipelined = 0  # jobs waiting behind running ones (``process.next``)
         self.recorder = Recorder()  # task wait and run times, for the dashboard
         self._idle: list[PoolProcess] = []
         self._processes: list[PoolProcess] = []
@@ -106,8 +115,8 @@ class Pool:
 
     @property
     def queued(self) -> int:
-        """Jobs waiting for a free process."""
-        return len(self._jobs)
+        """Jobs waiting to start: in the queue, or pipelined behind a running job."""
+        return len(self._jobs) + self._pipelined
 
     def _spawn_process(self) -> PoolProcess:
         """Start one process, retrying a bounded number of times.
@@ -159,7 +168,10 @@ class Pool:
 
     def oldest_arrival(self) -> float | None:
         """When (monotonic) the job that has waited longest for a process arrived; None if none waits."""
-        return self._jobs[0].arrived if self._jobs else None
+        waiting = [process.next.arrived for process in self._processes if process.next is not None]
+        if self._jobs:
+            waiting.append(self._jobs[0].arrived)
+        return min(waiting, default=None)
 
     def submit(self, job: Job) -> None:
         """Queue a job; free processes take jobs in submission order.
@@ -174,22 +186,88 @@ class Pool:
         self._drained.clear()
         if self._idle and not self._jobs:
             self._begin(self._idle.pop(), job)
-        else:
-            self._jobs.append(job)
+            return
+        self._jobs.append(job)
+        if len(self._jobs) == 1 and self._pipelined < len(self._processes):
+            for process in self._processes:
+                if process.next is None and self._fill(process):
+                    break
 
     def _begin(self, process: PoolProcess, job: Job) -> None:
         self.running += 1
         if self.max_requests and process.tasks + 1 >= self.max_requests and process.spare is None:
             process.spare = gevent.spawn(self._spawn_process)  # warm up its successor now
         job.began = self.recorder.started(job.arrived)
-        process.begin(job)
+        process.begin(job, *encoded(job.task))
+        self._fill(process)
+
+    def _fill(self, process: PoolProcess) -> bool:
+        """Pipeline the queue's first job behind ``process``'s running one, if it may; True if done."""
+        if (
+            not self._jobs
+            or process.job is None
+            or process.next is not None
+            or process.streamed
+            or process.state is not ProcessState.BUSY
+            or (self.max_requests and process.tasks + 1 >= self.max_requests)
+            or (self._pipeline is not None and not self._pipeline())
+        ):
+            return False
+        parts, small = encoded(self._jobs[0].task)
+        if not small or not process.pipeline(self._jobs[0], parts):
+            return False
+        self._jobs.popleft()
+        self._pipelined += 1
+        return True
+
+    def _take_back(self, process: PoolProcess, dead: bool = False) -> Job | None:
+        """A job of ``process`` that has not started (see :meth:`PoolProcess.take_back`), or None.
+
+        Unless the process is ``dead``, the queue's first job takes its place.
+        """
+        queued = process.next
+        job = process.take_back(dead)
+        if job is None:
+            return None
+        if job is queued:
+            self._pipelined -= 1
+        else:  # the dead process had not received its running job
+            self.running -= 1
+        if not dead:
+            self._fill(process)
+        return job
 
     def _next(self, process: PoolProcess) -> None:
-        """Give an idle process the next queued job, or mark it idle."""
+        """Give a process that has finished its job the next one, or mark it idle.
+
+        Its own pipelined job if it has one; else the oldest job pipelined behind another
+        process (so none waits behind a running task while this one is free); else the
+        queue's first.
+        """
+        job = process.next
+        if job is not None:
+            process.next = None
+            self._pipelined -= 1
+            self.running += 1
+            job.began = self.recorder.started(job.arrived)
+            process.start_job(job)  # it took the job after writing its reply; it may have run it already
+            self._fill(process)
+            return
+        for other in sorted(self._pipelining(), key=_next_arrival):
+            job = self._take_back(other)
+            if job is not None:
+                self._begin(process, job)
+                return
         if self._jobs:
             self._begin(process, self._jobs.popleft())
         else:
             self._idle.append(process)
+
+    def _pipelining(self) -> list[PoolProcess]:
+        """The processes with a job pipelined behind their running one."""
+        if not self._pipelined:
+            return []
+        return [process for process in self._processes if process.next is not None]
 
     def _on_readable(self, process: PoolProcess) -> None:
         """Hub callback: a process has written (a reply, or end of file)."""
@@ -246,6 +324,15 @@ class Pool:
         """Greenlet: fail the dead process's task with how it ended, and replace it."""
         status = process.exit_status()
         overdue = process.state is ProcessState.OVERDUE
+        unstarted: list[Job] = []
+        while (back := self._take_back(process, dead=True)) is not None:
+            unstarted.append(back)  # they run elsewhere, first
+        self._jobs.extendleft(reversed(unstarted))
+        if process.next is not None:  # it took the job after its last reply, and died on it
+            lost, process.next = process.next, None
+            self._pipelined -= 1
+            self.outstanding -= 1
+            self._fail(lost, f"pool process {process.pid} {status} while running the task")
         job = process.job
         if job is not None:
             task = job.task
@@ -265,6 +352,10 @@ class Pool:
             log.warning("idle pool process %d %s", process.pid, status)
         process.close()
         self._replace(process)
+        while self._idle and self._jobs:
+            self._begin(self._idle.pop(), self._jobs.popleft())
+        if not self.outstanding:
+            self._drained.set()
 
     def _retire(self, process: PoolProcess) -> None:
         process.retire()
@@ -310,6 +401,8 @@ class Pool:
 
         They will never run here. With ``limit``, at most that many, the newest first (those
         that would wait longest); either way they are returned oldest first.
+        Jobs pipelined behind running ones are taken back too, unless their process has
+        just started them; they count as older than those in the queue.
         """
         if limit is None:
             dropped = [job for job in self._jobs if match(job)]
@@ -324,6 +417,15 @@ class Pool:
         if dropped:
             gone = set(map(id, dropped))
             self._jobs = deque(job for job in self._jobs if id(job) not in gone)
+        taken: list[Job] = []
+        for process in sorted(self._pipelining(), key=_next_arrival, reverse=True):
+            if limit is not None and len(dropped) + len(taken) >= limit:
+                break
+            assert process.next is not None
+            if match(process.next) and (back := self._take_back(process)) is not None:
+                taken.append(back)
+        dropped[:0] = reversed(taken)
+        if dropped:
             self.outstanding -= len(dropped)
             if not self.outstanding:
                 self._drained.set()
@@ -380,3 +482,8 @@ class Pool:
                 }
             )
         return rows
+
+
+def _next_arrival(process: PoolProcess) -> float:
+    """When the job pipelined behind ``process`` arrived (for sorting)."""
+    return process.next.arrived if process.next is not None else 0.0

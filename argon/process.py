@@ -6,6 +6,13 @@ sockets from the worker. :class:`PoolProcess` writes a task without blocking (th
 of a large one when the pipe drains), reads the replies its pool's I/O watcher reports,
 kills the process when its task overruns the time limit, and reaps it. Which job runs
 where, and what happens when a process dies, is :class:`argon.pool.Pool`'s business.
+
+Small tasks travel instead as messages on a ``SOCK_SEQPACKET`` socket pair whose receiving
+end both the process and the worker hold. The worker may queue one task there behind the
+running one (:meth:`PoolProcess.pipeline`): the process takes it as soon as it has written
+its reply, without waiting for the worker. Until then the worker can take it back
+(:meth:`PoolProcess.take_back`): a message is received whole by one reader only, so
+whoever receives it owns the task, and it never runs twice.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
+import sys
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +31,7 @@ from typing import Any
 import gevent
 import gevent.subprocess
 
+from argon import defaults
 from argon.errors import ProcessDied
 from argon.framing import Buffer, FrameBuffer, frame_parts
 from argon.protocol import Failure, Hello, Result, Task, decode, encode_parts
@@ -33,6 +44,18 @@ READ_SIZE = 1 << 20
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031  # Linux: grow the pipes, so large payloads take fewer system calls
 STOP_TIMEOUT = 2.0
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting to be received on socket ``fd``."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder, signed=True)
+
+
+def encoded(task: Task) -> tuple[list[bytes], bool]:
+    """The task's :func:`~argon.protocol.encode_parts` buffers, and whether it is small enough to pipeline."""
+    parts = encode_parts(task)
+    size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
+    return parts, size <= defaults.PIPELINE_BYTES
 
 
 class Job:
@@ -58,18 +81,30 @@ class PoolProcess:
     """One pool process, its pipes and the job it is running (see :class:`ProcessState`)."""
 
     def __init__(self, python: str, max_frame: int, env: dict[str, str]) -> None:
-        self.popen = gevent.subprocess.Popen(
-            [python, "-m", "argon.runner", str(os.getpid()), str(max_frame)],
-            stdin=gevent.subprocess.PIPE,
-            stdout=gevent.subprocess.PIPE,
-            env=env,
-            close_fds=True,
-        )
+        # The worker sends on one end and keeps a copy of the other, the process's, to take tasks back.
+        self._sender, self._receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.popen = gevent.subprocess.Popen(
+                [python, "-m", "argon.runner", str(os.getpid()), str(max_frame), str(self._receiver.fileno())],
+                stdin=gevent.subprocess.PIPE,
+                stdout=gevent.subprocess.PIPE,
+                env=env,
+                close_fds=True,
+                pass_fds=(self._receiver.fileno(),),
+            )
+        except BaseException:
+            self._sender.close()
+            self._receiver.close()
+            raise
+        self._sender.setblocking(False)
+        self._receiver.setblocking(False)
         self.pid: int = self.popen.pid
         self.tasks = 0
         self.started = time.time()
         self.state = ProcessState.STARTING
         self.job: Job | None = None
+        self.next: Job | None = None  # pipelined behind ``job``: sent, and not known to have started
+        self.streamed = False  # ``job`` came over the stdin pipe: nothing may be pipelined behind it
         self.began = 0.0  # when (monotonic) its current task was written to it
         self.spare: gevent.Greenlet | None = None  # its successor, warmed up by the pool before it retires
         self._to_child = self.popen.stdin.fileno()
@@ -119,23 +154,70 @@ class PoolProcess:
             self.kill()
             raise
 
-    def begin(self, job: Job) -> None:
-        """Hand ``job`` to the process: write its task (the rest later if the pipe is full).
+    def begin(self, job: Job, parts: list[bytes], small: bool) -> None:
+        """Hand ``job`` (its task encoded as ``parts``) to the idle process.
 
-        If the task has a time limit and overruns it, the process is killed (its state is
-        then ``OVERDUE``) and the pool's reader sees end of file.
+        A small task goes as one message on the socket, a large one over the stdin pipe
+        (the rest later if the pipe is full). If the task has a time limit and overruns
+        it, the process is killed (its state is then ``OVERDUE``) and the pool's reader
+        sees end of file.
         """
+        self.streamed = not (small and self._send(parts))
+        self.start_job(job)
+        if self.streamed:
+            self._pending = list(frame_parts(parts))  # a large payload is not copied
+            if not self._write():
+                self._writable.start(self._write_more)
+
+    def start_job(self, job: Job) -> None:
+        """Count ``job`` as running from now: it was just sent, or the pipelined job's turn has come."""
         self.move(ProcessState.BUSY)
         self.job = job
         self.began = time.monotonic()
         self.tasks += 1
-        task = job.task
-        if task.timeout:
-            self._timer = gevent.get_hub().loop.timer(task.timeout)
+        if job.task.timeout:
+            self._timer = gevent.get_hub().loop.timer(job.task.timeout)
             self._timer.start(self._overdue)
-        self._pending = list(frame_parts(encode_parts(task)))  # a large payload is not copied
-        if not self._write():
-            self._writable.start(self._write_more)
+
+    def pipeline(self, job: Job, parts: list[bytes]) -> bool:
+        """Queue a small task behind the running one; False if it cannot wait there now.
+
+        Not while the process has yet to receive its running task: then only one message
+        at a time waits on the socket, so :meth:`take_back` knows whose it takes.
+        """
+        assert self.job is not None and self.next is None and not self.streamed
+        if _unread(self._receiver.fileno()) or not self._send(parts):
+            return False
+        self.next = job
+        return True
+
+    def take_back(self, dead: bool = False) -> Job | None:
+        """Take back the job whose task waits on the socket, or None if the process has received it.
+
+        That is the pipelined job; or, once the process is ``dead``, maybe its running
+        job (it died before receiving it). Whoever receives the message owns the task.
+        """
+        job = self.next or (self.job if dead else None)
+        if job is None:
+            return None
+        try:
+            body = self._receiver.recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
+        except OSError:  # BlockingIOError: the process has it
+            return None
+        taken = decode(body)
+        assert isinstance(taken, Task) and taken.id == job.task.id, "one message at most waits on the socket"
+        if job is self.next:
+            self.next = None
+        else:
+            self.job = None
+        return job
+
+    def _send(self, parts: list[bytes]) -> bool:
+        try:
+            self._sender.sendmsg(parts)
+        except OSError:  # full (or the process is gone): the caller uses the pipe, or the queue
+            return False
+        return True
 
     def _overdue(self) -> None:
         """Hub callback: the running task is overdue; kill the process (the reader reports it)."""
@@ -184,6 +266,7 @@ class PoolProcess:
             self._timer = None
         self._pending = []
         self._writable.stop()
+        self.streamed = False
         return job
 
     def exit_status(self) -> str:
@@ -232,6 +315,6 @@ class PoolProcess:
         self._writable.close()
         if self._timer is not None:
             self._timer.close()
-        for pipe in (self.popen.stdin, self.popen.stdout):
+        for pipe in (self.popen.stdin, self.popen.stdout, self._sender, self._receiver):
             with contextlib.suppress(OSError):
                 pipe.close()

@@ -1,10 +1,12 @@
 """The loop each pool process runs: read a task from stdin, run it, write the reply.
 
 Started by :class:`argon.process.PoolProcess` (one of a :class:`argon.pool.Pool`) as
-``python -m argon.runner PARENT_PID MAX_FRAME``. Frames on stdin are
-:class:`~argon.protocol.Task` messages; each gets exactly one
+``python -m argon.runner PARENT_PID MAX_FRAME SOCKET_FD``. Tasks come as frames on stdin
+(large ones) or as messages on the inherited ``SOCK_SEQPACKET`` socket (small ones, maybe
+one queued behind the running task); each gets exactly one
 :class:`~argon.protocol.Result` or :class:`~argon.protocol.Failure` on stdout. Before
 the first task the process announces itself with a :class:`~argon.protocol.Hello`.
+After each reply it looks at the socket first: a task queued there starts at once.
 
 The process keeps private copies of its pipes and points file descriptors 0 and 1 at
 ``/dev/null`` and stderr, so a task that prints or reads stdin cannot corrupt the frame
@@ -16,19 +18,23 @@ It imports no gevent: a pool process is a plain, single-threaded Python process.
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
 import sys
-from typing import BinaryIO
+from collections import deque
+from collections.abc import Iterator
 
+from argon import defaults
 from argon.errors import TASK_ERROR, MessageTooLarge
-from argon.framing import frame_parts, read_frame
+from argon.framing import Buffer, FrameBuffer, frame_parts
 from argon.osutil import die_with_parent
 from argon.protocol import VERSION, Failure, Hello, Result, Task, decode, encode_parts
 from argon.serialize import LoadedFunctions, dumps, dumps_exception, loads
 
 
-def _private_pipes() -> tuple[BinaryIO, int]:
-    stdin = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
+def _private_pipes() -> tuple[int, int]:
+    stdin = os.dup(0)
     stdout = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -49,6 +55,33 @@ def _send(fd: int, parts: list[bytes]) -> None:
             written -= len(views.pop(0))
         if views:
             views[0] = views[0][written:]
+
+
+def _tasks(stdin: int, tasks: socket.socket, max_frame: int) -> Iterator[Buffer]:
+    """Task bodies as they come, from the pipe or the socket, until the pipe closes.
+
+    The worker sends on one channel at a time: a frame on the pipe only to an idle
+    process, a message on the socket otherwise, so the order between them is never in doubt.
+    The socket is shared with the worker, which may take a queued task back first: a
+    receive that finds nothing is not an error.
+    """
+    frames: deque[Buffer] = deque()
+    buffer = FrameBuffer(max_frame)
+    while True:
+        if frames:
+            yield frames.popleft()
+            continue
+        try:
+            yield tasks.recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
+            continue
+        except BlockingIOError:
+            pass
+        ready, _, _ = select.select([stdin, tasks.fileno()], [], [])
+        if stdin in ready:
+            data = os.read(stdin, 1 << 20)
+            if not data:
+                return
+            frames.extend(buffer.feed(data))
 
 
 def run(task: Task, functions: LoadedFunctions) -> Result | Failure:
@@ -72,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(parent)
+    tasks = socket.socket(fileno=int(args[2]))
     stdin, stdout = _private_pipes()
     functions = LoadedFunctions()
     _send(stdout, encode_parts(Hello(VERSION, "pool", str(os.getpid()))))
-    while (body := read_frame(stdin, max_frame)) is not None:
+    for body in _tasks(stdin, tasks, max_frame):
         task = decode(body)
         if type(task) is not Task:
             return 2

@@ -77,6 +77,7 @@ class Worker(Server):
             max_requests=config.max_requests,
             max_frame=config.max_frame,
             observe=prefetch.observe,
+            pipeline=prefetch.short,
             on_broken=self._pool_broken,
         )
         self.uplink = Uplink(

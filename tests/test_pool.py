@@ -437,9 +437,9 @@ def _unread(fd: int) -> int:
 def _started_and_greeted(pid: int) -> bool:
     """The runner ``pid`` has said hello, the pool has read it, and it waits for a task.
 
-    Black box: the runner sleeps reading an empty pipe, and the pipes this process shares
-    with it hold no unread byte (the pool reads the hello and finishes starting the process
-    without yielding in between).
+    Black box: the runner sleeps waiting on its empty pipe and socket (in ``select``), and
+    the pipes this process shares with it hold no unread byte (the pool reads the hello and
+    finishes starting the process without yielding in between).
     """
     try:
         with open(f"/proc/{pid}/wchan") as wchan:
@@ -447,7 +447,7 @@ def _started_and_greeted(pid: int) -> bool:
         theirs = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
     except OSError:
         return False
-    if "pipe" not in waiting:
+    if "poll" not in waiting and "select" not in waiting:
         return False
     shared = []
     for fd in os.listdir("/proc/self/fd"):
@@ -553,3 +553,115 @@ def test_backoff_presets_take_their_constants_from_defaults():
     assert [retry.next_delay() for _ in range(4)][-1] is None
     pool_start = Backoff.pool_start(rng=lambda: 0.5)
     assert sum(1 for _ in iter(pool_start.next_delay, None)) == defaults.POOL_START_ATTEMPTS
+
+
+# -- pipelining: a small task waits behind a running one, and can be taken back (issue 12) -----
+
+
+def _make_gate():
+    # Nested, so it travels by value. Says it started (``started`` file), then holds its
+    # process until ``release`` exists (at most 30 s).
+    def gate(started, release):
+        with open(started, "w"):
+            pass
+        deadline = time.monotonic() + 30
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return os.getpid()
+
+    return gate
+
+
+gate = _make_gate()
+
+
+def _make_log_run():
+    # Nested, so it travels by value. Appends ``name`` to ``path`` (one line, one write) and
+    # returns the process id: the file tells how many times each task ran. It takes 2 ms,
+    # so a task pipelined behind it usually waits long enough to be taken back.
+    def log_run(path, name):
+        time.sleep(0.002)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{name}\n".encode())
+        finally:
+            os.close(fd)
+        return os.getpid()
+
+    return log_run
+
+
+log_run = _make_log_run()
+
+
+def _pipelined(pool: Pool) -> list[Job]:
+    """The jobs pipelined behind running ones (white box: whether the path under test is taken)."""
+    return [process.next for process in pool._processes if process.next is not None]
+
+
+@pytest.mark.timeout(60)
+def test_a_pipelined_task_taken_back_is_never_run_twice(pools, tmp_path):
+    pool = pools(2)
+    runs = tmp_path / "runs"
+    done: Counter[int] = Counter()
+    taken_from_pipelines = 0
+
+    def send(task: Task, name: int) -> None:
+        pool.submit(Job(task, lambda reply: done.update([name]), name))
+
+    tasks = [make_task(log_run, str(runs), name) for name in range(600)]
+    for name in range(40):
+        send(tasks[name], name)
+    for name in range(40, 600):
+        send(tasks[name], name)
+        if name % 5 == 0:
+            # Take back every waiting task (or the newest few), as a manager's Reclaim or a
+            # hand-back does, and send them again.
+            gevent.sleep(0)  # let replies in: processes finish and take their pipelined tasks
+            behind = {id(job) for job in _pipelined(pool)}
+            for job in pool.cancel(lambda job: True, limit=None if name % 2 else 3):
+                taken_from_pipelines += id(job) in behind
+                send(job.task, job.tag)
+    assert pool.join(45)
+    assert done == Counter(range(600))  # one reply each
+    assert Counter(int(line) for line in runs.read_text().split()) == Counter(range(600))  # one run each
+    assert taken_from_pipelines > 0, "no pipelined task was taken back: the test did not test it"
+    assert pool.outstanding == 0 and pool.queued == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_task_pipelined_behind_a_long_one_moves_to_the_process_that_frees_up(pools, tmp_path):
+    pool = pools(2)
+    first, second = (submit(pool, gate, str(tmp_path / f"started-{n}"), str(tmp_path / f"release-{n}"), tag=n)
+                     for n in (1, 2))
+    wait_for(lambda: all((tmp_path / f"started-{n}").exists() for n in (1, 2)), what="both long tasks to start")
+    short = submit(pool, getpid, tag="short")
+    (waiting,) = wait_for(lambda: _pipelined(pool), what="the short task to be pipelined")
+    assert waiting.tag == "short" and pool.queued == 1 and pool.running == 2
+    (behind,) = [process for process in pool._processes if process.next is waiting]
+    assert behind.job is not None
+    other = 2 if behind.job.tag == 1 else 1
+    (tmp_path / f"release-{other}").touch()  # the other process frees up; the long task ahead of it holds on
+    freed = value((first, second)[other - 1].get(timeout=30))
+    assert value(short.get(timeout=10)) == freed  # ran there, not behind the long task
+    assert not (first if other == 2 else second).ready()
+    (tmp_path / f"release-{3 - other}").touch()
+    assert pool.join(30)
+
+
+@pytest.mark.timeout(60)
+def test_killing_a_process_with_a_task_pipelined_behind_its_own(pools, tmp_path):
+    pool = pools(1)
+    runs = tmp_path / "runs"
+    running = submit(pool, gate, str(tmp_path / "started"), str(tmp_path / "never"))
+    wait_for(lambda: (tmp_path / "started").exists(), what="the long task to start")
+    waiting = submit(pool, log_run, str(runs), 7)
+    wait_for(lambda: _pipelined(pool), what="the second task to be pipelined")
+    (victim,) = pool._processes
+    os.kill(victim.pid, signal.SIGKILL)
+    failure = running.get(timeout=30)
+    assert type(failure) is Failure and failure.error == "ProcessDied"
+    assert str(victim.pid) in failure.message
+    assert value(waiting.get(timeout=30)) != victim.pid  # it ran on the replacement
+    assert runs.read_text().split() == ["7"]  # once
+    assert pool.join(10) and pool.queued == 0 and pool.running == 0
