@@ -244,13 +244,11 @@ class Pool:
         process (so none waits behind a running task while this one is free); else the
         queue's first.
         """
-        job = process.next
-        if job is not None:
-            process.next = None
+        if process.next is not None:
+            promoted = process.promote()  # it took the job after writing its reply; may have run it already
             self._pipelined -= 1
             self.running += 1
-            job.began = self.recorder.started(job.arrived)
-            process.start_job(job)  # it took the job after writing its reply; it may have run it already
+            promoted.began = self.recorder.started(promoted.arrived)
             self._fill(process)
             return
         for other in sorted(self._pipelining(), key=_next_arrival):

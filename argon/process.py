@@ -7,12 +7,12 @@ of a large one when the pipe drains), reads the replies its pool's I/O watcher r
 kills the process when its task overruns the time limit, and reaps it. Which job runs
 where, and what happens when a process dies, is :class:`argon.pool.Pool`'s business.
 
-Small tasks travel instead as messages on a ``SOCK_SEQPACKET`` socket pair whose receiving
-end both the process and the worker hold. The worker may queue one task there behind the
-running one (:meth:`PoolProcess.pipeline`): the process takes it as soon as it has written
-its reply, without waiting for the worker. Until then the worker can take it back
-(:meth:`PoolProcess.take_back`): a message is received whole by one reader only, so
-whoever receives it owns the task, and it never runs twice.
+Small tasks travel instead as messages on two ``SOCK_SEQPACKET`` socket pairs, used in
+turn, whose receiving ends both the process and the worker hold. The worker may queue one
+task behind the running one (:meth:`PoolProcess.pipeline`): the process takes it as soon
+as it has written its reply, without waiting for the worker. Until then the worker can
+take it back (:meth:`PoolProcess.take_back`): a message is received whole by one reader
+only, so whoever receives it owns the task, and it never runs twice.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import fcntl
 import os
 import signal
 import socket
-import sys
-import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,11 +42,6 @@ READ_SIZE = 1 << 20
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031  # Linux: grow the pipes, so large payloads take fewer system calls
 STOP_TIMEOUT = 2.0
-
-
-def _unread(fd: int) -> int:
-    """Bytes waiting to be received on socket ``fd``."""
-    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder, signed=True)
 
 
 def encoded(task: Task) -> tuple[list[bytes], bool]:
@@ -81,23 +74,29 @@ class PoolProcess:
     """One pool process, its pipes and the job it is running (see :class:`ProcessState`)."""
 
     def __init__(self, python: str, max_frame: int, env: dict[str, str]) -> None:
-        # The worker sends on one end and keeps a copy of the other, the process's, to take tasks back.
-        self._sender, self._receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Two sockets, used in turn, so each holds one task at most: the running one until
+        # the process receives it, or the one pipelined behind it. The worker sends on one
+        # end of each and keeps a copy of the other, the process's, to take tasks back.
+        self._sockets = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+        receivers = [receiver.fileno() for _, receiver in self._sockets]
         try:
             self.popen = gevent.subprocess.Popen(
-                [python, "-m", "argon.runner", str(os.getpid()), str(max_frame), str(self._receiver.fileno())],
+                [python, "-m", "argon.runner", str(os.getpid()), str(max_frame), *map(str, receivers)],
                 stdin=gevent.subprocess.PIPE,
                 stdout=gevent.subprocess.PIPE,
                 env=env,
                 close_fds=True,
-                pass_fds=(self._receiver.fileno(),),
+                pass_fds=receivers,
             )
         except BaseException:
-            self._sender.close()
-            self._receiver.close()
+            self._close_sockets()
             raise
-        self._sender.setblocking(False)
-        self._receiver.setblocking(False)
+        for pair in self._sockets:
+            for end in pair:
+                end.setblocking(False)
+        self._turn = 0  # the socket the process takes its next task from, after those sent
+        self._job_socket: int | None = None  # which one ``job`` was sent on (None: the pipe)
+        self._next_socket = 0  # which one ``next`` was sent on
         self.pid: int = self.popen.pid
         self.tasks = 0
         self.started = time.time()
@@ -162,7 +161,8 @@ class PoolProcess:
         it, the process is killed (its state is then ``OVERDUE``) and the pool's reader
         sees end of file.
         """
-        self.streamed = not (small and self._send(parts))
+        self._job_socket = self._send(parts) if small else None
+        self.streamed = self._job_socket is None
         self.start_job(job)
         if self.streamed:
             self._pending = list(frame_parts(parts))  # a large payload is not copied
@@ -180,16 +180,21 @@ class PoolProcess:
             self._timer.start(self._overdue)
 
     def pipeline(self, job: Job, parts: list[bytes]) -> bool:
-        """Queue a small task behind the running one; False if it cannot wait there now.
-
-        Not while the process has yet to receive its running task: then only one message
-        at a time waits on the socket, so :meth:`take_back` knows whose it takes.
-        """
+        """Queue a small task behind the running one; False if the socket would not take it."""
         assert self.job is not None and self.next is None and not self.streamed
-        if _unread(self._receiver.fileno()) or not self._send(parts):
+        sent = self._send(parts)
+        if sent is None:
             return False
-        self.next = job
+        self.next, self._next_socket = job, sent
         return True
+
+    def promote(self) -> Job:
+        """The process has replied to its running job, so it has taken the pipelined one: count that as running."""
+        job = self.next
+        assert job is not None
+        self.next, self._job_socket = None, self._next_socket
+        self.start_job(job)
+        return job
 
     def take_back(self, dead: bool = False) -> Job | None:
         """Take back the job whose task waits on the socket, or None if the process has received it.
@@ -198,26 +203,36 @@ class PoolProcess:
         job (it died before receiving it). Whoever receives the message owns the task.
         """
         job = self.next or (self.job if dead else None)
-        if job is None:
+        which = self._next_socket if self.next is not None else self._job_socket
+        if job is None or which is None:
             return None
         try:
-            body = self._receiver.recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
+            body = self._sockets[which][1].recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
         except OSError:  # BlockingIOError: the process has it
             return None
         taken = decode(body)
-        assert isinstance(taken, Task) and taken.id == job.task.id, "one message at most waits on the socket"
+        assert isinstance(taken, Task) and taken.id == job.task.id, "each socket holds one task at most"
+        self._turn = which  # the process will look there for its next task
         if job is self.next:
             self.next = None
         else:
             self.job = None
         return job
 
-    def _send(self, parts: list[bytes]) -> bool:
+    def _send(self, parts: list[bytes]) -> int | None:
+        """Send a task on the socket whose turn it is; which one, or None if it would not take it."""
+        turn = self._turn
         try:
-            self._sender.sendmsg(parts)
+            self._sockets[turn][0].sendmsg(parts)
         except OSError:  # full (or the process is gone): the caller uses the pipe, or the queue
-            return False
-        return True
+            return None
+        self._turn = 1 - turn
+        return turn
+
+    def _close_sockets(self) -> None:
+        for pair in self._sockets:
+            for end in pair:
+                end.close()
 
     def _overdue(self) -> None:
         """Hub callback: the running task is overdue; kill the process (the reader reports it)."""
@@ -315,6 +330,7 @@ class PoolProcess:
         self._writable.close()
         if self._timer is not None:
             self._timer.close()
-        for pipe in (self.popen.stdin, self.popen.stdout, self._sender, self._receiver):
+        for pipe in (self.popen.stdin, self.popen.stdout):
             with contextlib.suppress(OSError):
                 pipe.close()
+        self._close_sockets()

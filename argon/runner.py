@@ -1,9 +1,9 @@
 """The loop each pool process runs: read a task from stdin, run it, write the reply.
 
 Started by :class:`argon.process.PoolProcess` (one of a :class:`argon.pool.Pool`) as
-``python -m argon.runner PARENT_PID MAX_FRAME SOCKET_FD``. Tasks come as frames on stdin
-(large ones) or as messages on the inherited ``SOCK_SEQPACKET`` socket (small ones, maybe
-one queued behind the running task); each gets exactly one
+``python -m argon.runner PARENT_PID MAX_FRAME SOCKET_FD SOCKET_FD``. Tasks come as frames
+on stdin (large ones) or as messages on the two inherited ``SOCK_SEQPACKET`` sockets, in
+turn (small ones, maybe one queued behind the running task); each gets exactly one
 :class:`~argon.protocol.Result` or :class:`~argon.protocol.Failure` on stdout. Before
 the first task the process announces itself with a :class:`~argon.protocol.Hello`.
 After each reply it looks at the socket first: a task queued there starts at once.
@@ -57,26 +57,30 @@ def _send(fd: int, parts: list[bytes]) -> None:
             views[0] = views[0][written:]
 
 
-def _tasks(stdin: int, tasks: socket.socket, max_frame: int) -> Iterator[Buffer]:
-    """Task bodies as they come, from the pipe or the socket, until the pipe closes.
+def _tasks(stdin: int, sockets: list[socket.socket], max_frame: int) -> Iterator[Buffer]:
+    """Task bodies as they come, from the pipe or the sockets (in turn), until the pipe closes.
 
-    The worker sends on one channel at a time: a frame on the pipe only to an idle
-    process, a message on the socket otherwise, so the order between them is never in doubt.
-    The socket is shared with the worker, which may take a queued task back first: a
-    receive that finds nothing is not an error.
+    The worker writes a frame on the pipe only to an idle process (one that has received
+    every task sent to it), so the order between pipe and sockets is never in doubt.
+    The sockets are shared with the worker, which may take a queued task back first: a
+    receive that finds nothing is not an error (the next task comes on the same socket).
     """
     frames: deque[Buffer] = deque()
     buffer = FrameBuffer(max_frame)
+    turn = 0
     while True:
         if frames:
             yield frames.popleft()
             continue
         try:
-            yield tasks.recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
-            continue
+            body = sockets[turn].recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
         except BlockingIOError:
             pass
-        ready, _, _ = select.select([stdin, tasks.fileno()], [], [])
+        else:
+            turn = 1 - turn
+            yield body
+            continue
+        ready, _, _ = select.select([stdin, sockets[turn].fileno()], [], [])
         if stdin in ready:
             data = os.read(stdin, 1 << 20)
             if not data:
@@ -105,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(parent)
-    tasks = socket.socket(fileno=int(args[2]))
+    sockets = [socket.socket(fileno=int(fd)) for fd in args[2:4]]
     stdin, stdout = _private_pipes()
     functions = LoadedFunctions()
     _send(stdout, encode_parts(Hello(VERSION, "pool", str(os.getpid()))))
-    for body in _tasks(stdin, tasks, max_frame):
+    for body in _tasks(stdin, sockets, max_frame):
         task = decode(body)
         if type(task) is not Task:
             return 2
