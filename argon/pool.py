@@ -127,7 +127,7 @@ class Pool:
         backoff = self._restart()
         while True:
             try:
-                process = PoolProcess(self.python, self.max_frame, self._env)
+                process = PoolProcess(self.python, self.max_frame, self._env, self._rescue)
                 process.wait_ready()
                 return process
             except (OSError, ProcessDied) as exc:
@@ -236,6 +236,13 @@ class Pool:
         if not dead:
             self._fill(process)
         return job
+
+    def _rescue(self, job: Job) -> None:
+        """A job pipelined behind a task that ran past its time limit was taken back: run it elsewhere."""
+        self._pipelined -= 1
+        self._jobs.appendleft(job)
+        if self._idle:
+            self._begin(self._idle.pop(), self._jobs.popleft())
 
     def _next(self, process: PoolProcess) -> None:
         """Give a process that has finished its job the next one, or mark it idle.

@@ -73,7 +73,10 @@ class Job:
 class PoolProcess:
     """One pool process, its pipes and the job it is running (see :class:`ProcessState`)."""
 
-    def __init__(self, python: str, max_frame: int, env: dict[str, str]) -> None:
+    def __init__(
+        self, python: str, max_frame: int, env: dict[str, str], rescued: Callable[[Job], None] | None = None
+    ) -> None:
+        self._rescued = rescued  # given the pipelined job taken back before an overdue task's kill
         # Two sockets, used in turn, so each holds one task at most: the running one until
         # the process receives it, or the one pipelined behind it. The worker sends on one
         # end of each and keeps a copy of the other, the process's, to take tasks back.
@@ -235,7 +238,18 @@ class PoolProcess:
                 end.close()
 
     def _overdue(self) -> None:
-        """Hub callback: the running task is overdue; kill the process (the reader reports it)."""
+        """Hub callback: the running task is overdue; kill the process (the reader reports it).
+
+        A job pipelined behind it is taken back first and handed to ``rescued``. If the
+        process has taken that job already, it has replied to the overdue one (the reply
+        is on its way): it is not killed.
+        """
+        if self.next is not None:
+            job = self.take_back()
+            if job is None:
+                return
+            if self._rescued is not None:
+                self._rescued(job)
         self.move(ProcessState.OVERDUE)
         with contextlib.suppress(OSError):
             self.popen.kill()

@@ -665,3 +665,18 @@ def test_killing_a_process_with_a_task_pipelined_behind_its_own(pools, tmp_path)
     assert value(waiting.get(timeout=30)) != victim.pid  # it ran on the replacement
     assert runs.read_text().split() == ["7"]  # once
     assert pool.join(10) and pool.queued == 0 and pool.running == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_task_past_its_time_limit_does_not_take_the_task_pipelined_behind_it_down(pools, tmp_path):
+    pool = pools(1)
+    runs = tmp_path / "runs"
+    slow = submit(pool, gate, str(tmp_path / "started"), str(tmp_path / "never"), timeout=1.0)
+    wait_for(lambda: (tmp_path / "started").exists(), what="the slow task to start")
+    waiting = submit(pool, log_run, str(runs), 3)
+    assert _pipelined(pool), "the second task was not pipelined: the test does not test it"
+    failure = slow.get(timeout=30)
+    assert type(failure) is Failure and failure.error == "TaskTimeout"
+    value(waiting.get(timeout=30))
+    assert runs.read_text().split() == ["3"]
+    assert pool.join(10) and pool.queued == 0 and pool.running == 0
