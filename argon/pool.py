@@ -221,18 +221,14 @@ class Pool:
         return True
 
     def _take_back(self, process: PoolProcess, dead: bool = False) -> Job | None:
-        """A job of ``process`` that has not started (see :meth:`PoolProcess.take_back`), or None.
+        """The job pipelined behind ``process`` if it has not started (see :meth:`PoolProcess.take_back`).
 
         Unless the process is ``dead``, the queue's first job takes its place.
         """
-        queued = process.next
-        job = process.take_back(dead)
+        job = process.take_back()
         if job is None:
             return None
-        if job is queued:
-            self._pipelined -= 1
-        else:  # the dead process had not received its running job
-            self.running -= 1
+        self._pipelined -= 1
         if not dead:
             self._fill(process)
         return job
@@ -329,11 +325,10 @@ class Pool:
         """Greenlet: fail the dead process's task with how it ended, and replace it."""
         status = process.exit_status()
         overdue = process.state is ProcessState.OVERDUE
-        unstarted: list[Job] = []
-        while (back := self._take_back(process, dead=True)) is not None:
-            unstarted.append(back)  # they run elsewhere, first
-        self._jobs.extendleft(reversed(unstarted))
-        if process.next is not None:  # it took the job after its last reply, and died on it
+        waiting = self._take_back(process, dead=True)
+        if waiting is not None:
+            self._jobs.appendleft(waiting)  # it never started: it runs elsewhere, first
+        elif process.next is not None:  # it took the job after its last reply, and died on it
             lost, process.next = process.next, None
             self._pipelined -= 1
             self.outstanding -= 1

@@ -98,7 +98,6 @@ class PoolProcess:
             for end in pair:
                 end.setblocking(False)
         self._turn = 0  # the socket the process takes its next task from, after those sent
-        self._job_socket: int | None = None  # which one ``job`` was sent on (None: the pipe)
         self._next_socket = 0  # which one ``next`` was sent on
         self.pid: int = self.popen.pid
         self.tasks = 0
@@ -164,8 +163,7 @@ class PoolProcess:
         it, the process is killed (its state is then ``OVERDUE``) and the pool's reader
         sees end of file.
         """
-        self._job_socket = self._send(parts) if small else None
-        self.streamed = self._job_socket is None
+        self.streamed = not small or self._send(parts) is None
         self.start_job(job)
         if self.streamed:
             self._pending = list(frame_parts(parts))  # a large payload is not copied
@@ -195,19 +193,17 @@ class PoolProcess:
         """The process has replied to its running job, so it has taken the pipelined one: count that as running."""
         job = self.next
         assert job is not None
-        self.next, self._job_socket = None, self._next_socket
+        self.next = None
         self.start_job(job)
         return job
 
-    def take_back(self, dead: bool = False) -> Job | None:
-        """Take back the job whose task waits on the socket, or None if the process has received it.
+    def take_back(self) -> Job | None:
+        """Take back the pipelined job, or None if the process has received it (or there is none).
 
-        That is the pipelined job; or, once the process is ``dead``, maybe its running
-        job (it died before receiving it). Whoever receives the message owns the task.
+        Whoever receives the message owns the task, so it never runs twice.
         """
-        job = self.next or (self.job if dead else None)
-        which = self._next_socket if self.next is not None else self._job_socket
-        if job is None or which is None:
+        job, which = self.next, self._next_socket
+        if job is None:
             return None
         try:
             body = self._sockets[which][1].recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
@@ -216,10 +212,7 @@ class PoolProcess:
         taken = decode(body)
         assert isinstance(taken, Task) and taken.id == job.task.id, "each socket holds one task at most"
         self._turn = which  # the process will look there for its next task
-        if job is self.next:
-            self.next = None
-        else:
-            self.job = None
+        self.next = None
         return job
 
     def _send(self, parts: list[bytes]) -> int | None:
