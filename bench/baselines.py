@@ -6,8 +6,12 @@ PEER is ``pool`` (multiprocessing.Pool(2)), ``ppe`` (ProcessPoolExecutor(2)), ``
 ``BENCH_REDIS_URL``). MODE is ``throughput`` (N trivial tasks submitted at once, then
 collected), ``latency`` (N sequential round trips), ``payload`` (N echo tasks of SIZE
 bytes each way) or ``map`` (``ProcessPoolExecutor(2).map`` of N items with chunksize SIZE;
-``ppe`` only). The result is printed as one line: ``RESULT {json}``; a peer that is
-not installed prints ``{"skipped": "not installed: NAME"}``.
+``ppe`` only). PEER may also be ``relay-tcp-tcp-pipe`` or ``relay-tcp-pipe`` (``latency``
+only): no task system at all, only a chain of plain processes that pass a 100-byte message
+along the same hops as Argon's round trip through a manager (or to a stand-alone worker)
+and back, with blocking reads and writes: the cost of the hops themselves (see
+:func:`_relay`); ``hub-relay-tcp-tcp-pipe`` does the same on gevent hubs. The result is
+printed as one line: ``RESULT {json}``; a peer that is not installed prints ``{"skipped": "not installed: NAME"}``.
 
 This module imports neither gevent nor argon, so each baseline runs in a clean process.
 """
@@ -15,12 +19,15 @@ This module imports neither gevent nor argon, so each baseline runs in a clean p
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import multiprocessing
 import os
 import secrets
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
@@ -165,7 +172,126 @@ def _celery() -> Iterator[Peer]:
     yield _one_by_one(lambda f, a: tasks[f].delay(a), lambda r: r.get(timeout=60))
 
 
-PEERS = {"pool": _pool, "ppe": _ppe, "dask": _dask, "ray": _ray, "celery": _celery}
+class _End:
+    """One end of a hop: a TCP socket on loopback, or a pair of pipes (the read end, the write end)."""
+
+    def __init__(self, sock: socket.socket | None = None, fds: tuple[int, int] = (-1, -1)) -> None:
+        self.sock = sock
+        self.fds = fds
+
+    def send(self, data: bytes) -> None:
+        if self.sock is not None:
+            self.sock.sendall(data)
+        else:
+            os.write(self.fds[1], data)
+
+    def recv(self, size: int) -> bytes:
+        """Exactly ``size`` bytes (b"" once the other end has gone)."""
+        data = b""
+        while len(data) < size:
+            want = size - len(data)
+            chunk = self.sock.recv(want) if self.sock is not None else os.read(self.fds[0], want)
+            if not chunk:
+                return b""
+            data += chunk
+        return data
+
+
+def _hop(kind: str) -> tuple[_End, _End]:
+    """Both ends of one hop: ``tcp`` (loopback, TCP_NODELAY, as Argon's links) or ``pipe`` (as a pool process's)."""
+    if kind == "pipe":
+        down_r, down_w = os.pipe()
+        up_r, up_w = os.pipe()
+        return _End(fds=(up_r, down_w)), _End(fds=(down_r, up_w))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    for sock in (near, far):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return _End(near), _End(far)
+
+
+RELAY_MESSAGE = b"x" * 100  # about the size of a trivial task's frame
+
+
+def _pass_on(up: _End, down: _End | None) -> None:
+    """A relay with blocking reads: pass each message down the chain, and its answer back up."""
+    size = len(RELAY_MESSAGE)
+    while data := up.recv(size):
+        if down is not None:
+            down.send(data)
+            data = down.recv(size)
+        up.send(data)
+
+
+def _pass_on_hub(up: _End, down: _End | None) -> None:
+    """The same relay on a gevent hub, as Argon's processes do it: an I/O watcher reads a
+    message, and a hub callback writes it on (no greenlet switch on the way)."""
+    import gevent  # only in the relay process: this module's own process stays clean
+
+    loop = gevent.get_hub().loop
+
+    def watch(end: _End, then: Callable[[bytes], None]) -> Any:
+        fd = end.sock.fileno() if end.sock is not None else end.fds[0]
+        os.set_blocking(fd, False)
+
+        def readable() -> None:
+            data = end.sock.recv(1 << 16) if end.sock is not None else os.read(fd, 1 << 16)
+            if not data:
+                os._exit(0)
+            loop.run_callback(then, data)
+
+        watcher = loop.io(fd, 1)
+        watcher.start(readable)
+        return watcher
+
+    watchers = [watch(up, down.send if down is not None else up.send)]
+    if down is not None:
+        watchers.append(watch(down, up.send))
+    gevent.sleep(3600)
+
+
+@contextlib.contextmanager
+def _relay(kinds: list[str], relay: Callable[[_End, _End | None], None] = _pass_on) -> Iterator[Peer]:
+    """A chain of forked processes, one per hop, passing a message to the end and back.
+
+    Each process reads a message from the hop before it and writes it to the next; the
+    last one writes it straight back, and each passes the answer back up. No encoding and
+    no bookkeeping: a lower bound for any system whose round trip crosses the same hops
+    between processes (``relay``: with blocking reads, or on a gevent hub).
+    """
+    hops = [_hop(kind) for kind in kinds]
+    children = []
+    for index in range(len(hops)):
+        pid = os.fork()
+        if pid == 0:  # process ``index``: between hop ``index`` (up) and hop ``index + 1`` (down)
+            try:
+                relay(hops[index][1], hops[index + 1][0] if index + 1 < len(hops) else None)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    first = hops[0][0]
+    try:
+        yield _one_by_one(lambda f, a: first.send(RELAY_MESSAGE), lambda _: first.recv(len(RELAY_MESSAGE)))
+    finally:
+        for near, far in hops:
+            for end in (near, far):
+                if end.sock is not None:
+                    end.sock.close()
+                else:
+                    for fd in end.fds:
+                        os.close(fd)
+        for pid in children:  # each holds copies of every end, so none sees the others close
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+PEERS = {
+    "pool": _pool, "ppe": _ppe, "dask": _dask, "ray": _ray, "celery": _celery,
+    "relay-tcp-tcp-pipe": functools.partial(_relay, ["tcp", "tcp", "pipe"]),
+    "relay-tcp-pipe": functools.partial(_relay, ["tcp", "pipe"]),
+    "hub-relay-tcp-tcp-pipe": functools.partial(_relay, ["tcp", "tcp", "pipe"], _pass_on_hub),
+}
 MODULES = {"dask": ("distributed",), "ray": ("ray",), "celery": ("celery", "redis")}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -16,9 +17,24 @@ result, send the next), through a manager with one worker of 2 processes, and st
 to a stand-alone worker. The baselines do the same with `multiprocessing.Pool(2).apply`
 and `ProcessPoolExecutor(2).submit(...).result()` in a fresh process. Each figure comes
 from the same number of round trips after a warm-up of 100; the four take turns in three
-rounds, with the order rotated, so changes in the machine's load hit them alike."""
+rounds, with the order rotated, so changes in the machine's load hit them alike.
+
+Three more rows run no task system at all: a chain of plain processes that pass a
+100-byte message along the hops of Argon's round trip and back (client to manager and
+manager to worker over TCP on loopback, worker to pool process over a pipe; or TCP and a
+pipe for a stand-alone worker), once with blocking reads and writes and once on gevent
+hubs the way Argon's processes read and write (an I/O watcher, a hub callback). They show
+what the hops themselves cost on this machine, so that the rest of Argon's figure is the
+work Argon does at each hop (decoding, routing, bookkeeping, encoding) rather than the
+number of hops."""
 
 WARMUP = 100
+#: The relay chains (see ``bench.baselines._relay``) and their labels.
+RELAYS = {
+    "relay-tcp-tcp-pipe": "no task system: plain processes relaying over TCP, TCP, pipe",
+    "hub-relay-tcp-tcp-pipe": "no task system: the same relays on gevent hubs",
+    "relay-tcp-pipe": "no task system: plain processes relaying over TCP, pipe",
+}
 
 
 def argon_latencies(client: common.Client, count: int) -> list[float]:
@@ -52,12 +68,15 @@ def run(quick: bool) -> dict[str, Any]:
             "direct": lambda: argon_latencies(direct, per_round),
             "pool": lambda: common.run_baseline(["pool", "latency", str(per_round)], 120),
             "ppe": lambda: common.run_baseline(["ppe", "latency", str(per_round)], 120),
+            **{relay: functools.partial(common.run_baseline, [relay, "latency", str(per_round)], 120)
+               for relay in RELAYS},
         })
     series: dict[str, list[float] | None] = {
         "Argon queue() via manager": [x for part in runs["via"] for x in part],
         "Argon queue() to stand-alone worker": [x for part in runs["direct"] for x in part],
     }
-    for peer, label in (("pool", "multiprocessing.Pool(2).apply"), ("ppe", "ProcessPoolExecutor(2) submit+result")):
+    for peer, label in (("pool", "multiprocessing.Pool(2).apply"), ("ppe", "ProcessPoolExecutor(2) submit+result"),
+                        *RELAYS.items()):
         parts = [r["latencies"] for r in runs[peer] if "latencies" in r]
         series[label] = [x for part in parts for x in part] or None
         skipped = [r["skipped"] for r in runs[peer] if "skipped" in r]
