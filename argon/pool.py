@@ -43,7 +43,7 @@ from argon.backoff import Backoff
 from argon.errors import ProcessDied, ProtocolError, TaskTimeout
 from argon.history import Recorder
 from argon.osutil import importable
-from argon.process import Job, PoolProcess, Reply, encoded
+from argon.process import Job, PoolProcess, Reply
 from argon.protocol import Failure, Result, decode
 from argon.states import ProcessState
 
@@ -198,7 +198,7 @@ class Pool:
         if self.max_requests and process.tasks + 1 >= self.max_requests and process.spare is None:
             process.spare = gevent.spawn(self._spawn_process)  # warm up its successor now
         job.began = self.recorder.started(job.arrived)
-        process.begin(job, *encoded(job.task))
+        process.begin(job, *job.encoded())
         self._fill(process)
 
     def _fill(self, process: PoolProcess) -> bool:
@@ -213,7 +213,7 @@ class Pool:
             or (self._pipeline is not None and not self._pipeline())
         ):
             return False
-        parts, small = encoded(self._jobs[0].task)
+        parts, small = self._jobs[0].encoded()
         if not small or not process.pipeline(self._jobs[0], parts):
             return False
         self._jobs.popleft()

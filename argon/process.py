@@ -44,13 +44,6 @@ _F_SETPIPE_SZ = 1031  # Linux: grow the pipes, so large payloads take fewer syst
 STOP_TIMEOUT = 2.0
 
 
-def encoded(task: Task) -> tuple[list[bytes], bool]:
-    """The task's :func:`~argon.protocol.encode_parts` buffers, and whether it is small enough to pipeline."""
-    parts = encode_parts(task)
-    size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
-    return parts, size <= defaults.PIPELINE_BYTES
-
-
 class Job:
     """A task waiting for, or running on, a pool process.
 
@@ -60,7 +53,7 @@ class Job:
         tag: Anything the submitter wants to find the job by later.
     """
 
-    __slots__ = ("arrived", "began", "done", "tag", "task")
+    __slots__ = ("_encoded", "arrived", "began", "done", "tag", "task")
 
     def __init__(self, task: Task, done: Callable[[Reply], None], tag: Any = None) -> None:
         self.task = task
@@ -68,6 +61,18 @@ class Job:
         self.tag = tag
         self.arrived = time.monotonic()
         self.began = 0.0  # when a process took it
+        self._encoded: tuple[list[bytes], bool] | None = None
+
+    def encoded(self) -> tuple[list[bytes], bool]:
+        """The task's :func:`~argon.protocol.encode_parts` buffers, and whether it is small enough to pipeline.
+
+        Encoded once: a job offered for pipelining, or taken back and sent again, reuses them.
+        """
+        if self._encoded is None:
+            parts = encode_parts(self.task)
+            size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
+            self._encoded = parts, size <= defaults.PIPELINE_BYTES
+        return self._encoded
 
 
 class PoolProcess:

@@ -680,3 +680,15 @@ def test_a_task_past_its_time_limit_does_not_take_the_task_pipelined_behind_it_d
     value(waiting.get(timeout=30))
     assert runs.read_text().split() == ["3"]
     assert pool.join(10) and pool.queued == 0 and pool.running == 0
+
+
+@pytest.mark.timeout(10)
+def test_a_job_is_encoded_once_however_often_it_is_offered() -> None:
+    """Offering a job for pipelining, taking it back and sending it again reuses one encoding."""
+    small = Job(Task(1, b"f", dumps(((1,), None)), None), lambda reply: None)
+    parts, pipelinable = small.encoded()
+    assert pipelinable
+    assert small.encoded()[0] is parts
+    large = Job(Task(2, b"f", b"x" * (defaults.PIPELINE_BYTES + 1), None), lambda reply: None)
+    assert large.encoded()[1] is False
+    assert any(part is large.task.args for part in large.encoded()[0])  # the payload is not copied
