@@ -62,13 +62,20 @@ class FrameBuffer:
         self._need = 0
         self._have = 0
         self._fill = 0
+        #: Why the stream cannot go on, found behind frames that :meth:`feed` returned
+        #: (they are good and are handed on first); the next :meth:`feed` raises it.
+        self.error: ProtocolError | None = None
 
     def feed(self, data: bytes | memoryview) -> list[Buffer]:
         """Add received bytes and return the frames they complete (without headers).
 
         Raises:
-            ProtocolError: A header claims more than ``max_frame`` bytes.
+            ProtocolError: A header claims more than ``max_frame`` bytes (when complete
+                frames came before it in the same bytes, they are returned and the error
+                is kept in :attr:`error` instead, raised by the next call).
         """
+        if self.error is not None:
+            raise self.error
         frames: list[Buffer] = []
         view = memoryview(data)
         while self._chunks is not None and view:  # the rest of a large frame
@@ -89,7 +96,11 @@ class FrameBuffer:
             while end - pos >= 4:
                 (size,) = HEADER.unpack_from(buf, pos)
                 if size > self.max_frame:
-                    raise ProtocolError(f"frame of {size} bytes exceeds the {self.max_frame} byte limit")
+                    error = ProtocolError(f"frame of {size} bytes exceeds the {self.max_frame} byte limit")
+                    if not frames:
+                        raise error
+                    self.error = error
+                    break
                 if end - pos - 4 < size:
                     if size >= BIG:  # receive the rest in place, chunk by chunk
                         self._chunks, self._need, self._have, self._fill = [], size, 0, 0

@@ -119,7 +119,7 @@ class Reader:
         self._handler = handler
         backlog, self._backlog = self._backlog, []
         try:
-            self._receive(self._checked(backlog))  # frames that came in with the hello
+            self._receive(backlog)  # frames that came in with the hello
         except ProtocolError as exc:
             self._on_error(exc)
         if self._raw is not None:
@@ -140,7 +140,7 @@ class Reader:
                     self._on_close("closed by peer")
                     break
                 self.last_recv = time.monotonic()
-                self._receive(self._checked(self._frames.feed(data)))
+                self._receive(self._frames.feed(data))
         except ProtocolError as exc:
             self._on_error(exc)
         except OSError as exc:
@@ -168,23 +168,22 @@ class Reader:
             return
         self.last_recv = time.monotonic()
         try:
-            frames = self._checked(self._frames.filled(count) if space is not None else self._frames.feed(data))
+            frames = self._frames.filled(count) if space is not None else self._frames.feed(data)
         except ProtocolError as exc:
             self._on_error(exc)
             return
         self._receive(frames)
 
-    def _checked(self, frames: list[Buffer]) -> list[Buffer]:
-        """The bodies of ``frames``, each MAC checked on an authenticated connection."""
-        checker = self._checker
-        return [checker.verify(f) for f in frames] if checker is not None else frames
+    def _receive(self, frames: list[Buffer]) -> None:
+        """Check (on a keyed link), decode and hand on each frame, in order.
 
-    def _receive(self, bodies: list[Buffer]) -> None:
-        """Decode and hand on each body; any failure closes the connection, logged."""
-        handler, limit = self._handler, self.max_items
+        The first bad one closes the connection, logged, after those before it were handed
+        on; so does a bad frame that :class:`~argon.framing.FrameBuffer` found behind them.
+        """
+        handler, limit, checker = self._handler, self.max_items, self._checker
         try:
-            for body in bodies:
-                msg = decode(body, limit)
+            for frame in frames:
+                msg = decode(checker.verify(frame) if checker is not None else frame, limit)
                 kind = type(msg)
                 if kind is Batch:
                     for item in msg.messages:  # type: ignore[union-attr]
@@ -196,6 +195,8 @@ class Reader:
                     handler(msg)
                 if self.closed:
                     return
+            if self._frames.error is not None:
+                raise self._frames.error
         except ProtocolError as exc:
             self._on_error(exc)
         except Exception:

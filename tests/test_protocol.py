@@ -365,6 +365,14 @@ def test_frame_buffer_refuses_an_oversized_frame_after_good_ones():
         buffer.feed(frame(b"y" * 11))
 
 
+def test_frame_buffer_returns_the_good_frames_that_came_with_an_oversized_one():
+    buffer = FrameBuffer(max_frame=10)
+    assert buffer.feed(frame(b"ok") + frame(b"fine") + frame(b"y" * 11)) == [b"ok", b"fine"]
+    assert buffer.error is not None and "10 byte limit" in str(buffer.error)
+    with pytest.raises(ProtocolError):
+        buffer.feed(b"")
+
+
 # -- the reader of a connection: frames from a socket, in process ------------------------------
 
 
@@ -427,6 +435,13 @@ def test_reader_stops_at_an_oversized_frame_after_handing_on_the_good_ones(hub):
     assert len(rig.errors) == 1 and "64" in str(rig.errors[0])
 
 
+def test_reader_hands_on_the_good_frames_read_together_with_an_oversized_one(hub):
+    rig = _ReaderRig(hub, max_frame=64)
+    rig.run(frame(encode(Result(1, b"ok"))) + frame(encode(Result(2, b"x" * 100))) + frame(encode(Result(3, b"no"))))
+    assert rig.got == [Result(1, b"ok")]
+    assert len(rig.errors) == 1 and "64" in str(rig.errors[0])
+
+
 @pytest.mark.parametrize("bad", [b"\xc1", encode(Result(1, b"ok"))[:-1], msgpack.packb([99, 1])], ids=repr)
 def test_reader_reports_an_undecodable_message(hub, bad):
     rig = _ReaderRig(hub)
@@ -440,6 +455,16 @@ def test_reader_on_a_keyed_link_refuses_a_frame_with_a_bad_mac(hub):
     good, bad = encode(Result(1, b"ok")), encode(Result(2, b"forged"))
     rig.run(frame(good, FrameSigner(key).sign(good)), frame(bad, b"\0" * MAC_BYTES))
     assert rig.got == [Result(1, b"ok")] and len(rig.errors) == 1
+
+
+def test_reader_hands_on_the_good_frames_read_together_with_one_with_a_bad_mac(hub):
+    key = b"k" * 32
+    rig = _ReaderRig(hub, key=key)
+    signer = FrameSigner(key)
+    good = [encode(Result(1, b"a")), encode(Result(2, b"b"))]
+    signed = b"".join(frame(body, signer.sign(body)) for body in good)
+    rig.run(signed + frame(encode(Result(3, b"forged")), b"\0" * MAC_BYTES) + frame(encode(Result(4, b"never"))))
+    assert rig.got == [Result(1, b"a"), Result(2, b"b")] and len(rig.errors) == 1
 
 
 def test_reader_closes_when_the_handler_fails_and_hands_on_nothing_more(hub):
