@@ -73,6 +73,26 @@ def child_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, 
     return importable(env)
 
 
+def raise_open_files(wanted: int) -> int:
+    """Raise the soft limit on open files to ``wanted`` if it is lower; return the limit now.
+
+    Never past the hard limit. Servers that hold many sockets do the same.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return wanted
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    except (OSError, ValueError):
+        return soft
+    return raised
+
+
 def kill_group(pid: int, signum: int = signal.SIGKILL) -> None:
     """Signal the process group led by ``pid`` (a child started in its own session); ignore it if gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -10,12 +10,12 @@ gives the process its next job, so the common path costs no greenlet switch. Onl
 rare paths (starting, replacing and reaping processes) run in greenlets.
 
 Jobs wait in the pool's one queue. So that a process need not idle for a round trip to
-the worker between short tasks, a small job may also wait behind a process's running
-task, one per process (*pipelined*, see :mod:`argon.process`): the process starts it as
-soon as it has replied. Until then the pool can take it back, and does so whenever
-another process has nothing to do, when the job is cancelled, and when its process
-dies; so no task waits behind a running one while another process of the pool is free,
-and none runs twice.
+the worker between short tasks, a few small jobs may also wait behind a process's running
+task (*pipelined*, up to ``defaults.PIPELINE_DEPTH`` per process, see
+:mod:`argon.process`): the process starts the next as soon as it has replied. Until then
+the pool can take them back (the newest first), and does so whenever another process has
+nothing to do, when they are cancelled, and when their process dies; so no task waits
+behind a running one while another process of the pool is free, and none runs twice.
 
 A process that dies fails only its task, with :class:`~argon.errors.ProcessDied`, and is
 replaced. A task that overruns its time limit has its process killed and fails with
@@ -42,7 +42,7 @@ from argon import defaults
 from argon.backoff import Backoff
 from argon.errors import ProcessDied, ProtocolError, TaskTimeout
 from argon.history import Recorder
-from argon.osutil import importable
+from argon.osutil import importable, raise_open_files
 from argon.process import Job, PoolProcess, Reply
 from argon.protocol import Failure, Result, decode
 from argon.states import ProcessState
@@ -56,6 +56,26 @@ def default_size() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return psutil.cpu_count() or 1
+
+
+#: Open files a worker keeps for everything but its pool processes: its connections, its
+#: listening socket, logs, a process being started.
+SPARE_FILES = 256
+
+
+def files_needed(size: int, depth: int) -> int:
+    """Open files a worker needs for ``size`` processes with ``depth`` tasks pipelined behind each.
+
+    Each process costs its two pipes and both ends of its ``depth + 1`` task sockets.
+    """
+    return size * (2 * (depth + 1) + 2) + SPARE_FILES
+
+
+def fitting_depth(size: int, depth: int, open_files: int) -> int:
+    """The deepest pipelining, up to ``depth``, whose sockets fit in ``open_files`` (0: none)."""
+    while depth and files_needed(size, depth) > open_files:
+        depth -= 1
+    return depth
 
 
 class Pool:
@@ -74,6 +94,7 @@ class Pool:
             written to its process to its reply), as the reply is delivered.
         pipeline: Whether small jobs may now wait behind running ones (None: always);
             a worker allows it only while its tasks are short (see :class:`~argon.flow.Prefetch`).
+        depth: Most jobs that may wait behind each running one.
     """
 
     def __init__(
@@ -87,8 +108,10 @@ class Pool:
         restart: Callable[[], Backoff] = Backoff.pool_start,
         observe: Callable[[float], None] | None = None,
         pipeline: Callable[[], bool] | None = None,
+        depth: int = defaults.PIPELINE_DEPTH,
     ) -> None:
         self.size = size or default_size()
+        self.depth = fitting_depth(self.size, depth, raise_open_files(files_needed(self.size, depth)))
         self._observe = observe
         self._pipeline = pipeline
         self.max_requests = max_requests
@@ -105,7 +128,7 @@ class Pool:
         self.replaced = 0
         self._env = importable(dict(os.environ))  # tasks see the worker's environment
         self._jobs: deque[Job] = deque()
-        self._pipelined = 0  # jobs waiting behind running ones (``process.next``)
+        self._pipelined = 0  # jobs waiting behind running ones (``process.waiting``)
         self.recorder = Recorder()  # task wait and run times, for the dashboard
         self._idle: list[PoolProcess] = []
         self._processes: list[PoolProcess] = []
@@ -127,7 +150,7 @@ class Pool:
         backoff = self._restart()
         while True:
             try:
-                process = PoolProcess(self.python, self.max_frame, self._env, self._rescue)
+                process = PoolProcess(self.python, self.max_frame, self._env, self._rescue, self.depth)
                 process.wait_ready()
                 return process
             except (OSError, ProcessDied) as exc:
@@ -168,7 +191,7 @@ class Pool:
 
     def oldest_arrival(self) -> float | None:
         """When (monotonic) the job that has waited longest for a process arrived; None if none waits."""
-        waiting = [process.next.arrived for process in self._processes if process.next is not None]
+        waiting = [process.waiting[0][0].arrived for process in self._processes if process.waiting]
         if self._jobs:
             waiting.append(self._jobs[0].arrived)
         return min(waiting, default=None)
@@ -188,9 +211,10 @@ class Pool:
             self._begin(self._idle.pop(), job)
             return
         self._jobs.append(job)
-        if len(self._jobs) == 1 and self._pipelined < len(self._processes):
-            for process in self._processes:
-                if process.next is None and self._fill(process):
+        if self._pipelined < len(self._processes) * self.depth:
+            # Behind the process with the fewest waiting, so a queue grows evenly.
+            for process in sorted(self._processes, key=_waiting):
+                if not process.full and self._fill(process):
                     break
 
     def _begin(self, process: PoolProcess, job: Job) -> None:
@@ -202,34 +226,39 @@ class Pool:
         self._fill(process)
 
     def _fill(self, process: PoolProcess) -> bool:
-        """Pipeline the queue's first job behind ``process``'s running one, if it may; True if done."""
+        """Pipeline the queue's first jobs behind ``process``'s running one, as far as it may; True if any."""
         if (
             not self._jobs
             or process.job is None
-            or process.next is not None
+            or process.full
             or process.streamed
             or process.state is not ProcessState.BUSY
-            or (self.max_requests and process.tasks + 1 >= self.max_requests)
             or (self._pipeline is not None and not self._pipeline())
         ):
             return False
-        parts, small = self._jobs[0].encoded()
-        if not small or not process.pipeline(self._jobs[0], parts):
-            return False
-        self._jobs.popleft()
-        self._pipelined += 1
-        return True
+        filled = False
+        jobs = self._jobs
+        while jobs and not process.full:
+            if self.max_requests and process.tasks + len(process.waiting) + 1 >= self.max_requests:
+                break  # its last task: nothing may wait behind it for the successor
+            parts, small = jobs[0].encoded()
+            if not small or not process.pipeline(jobs[0], parts):
+                break
+            jobs.popleft()
+            self._pipelined += 1
+            filled = True
+        return filled
 
-    def _take_back(self, process: PoolProcess, dead: bool = False) -> Job | None:
-        """The job pipelined behind ``process`` if it has not started (see :meth:`PoolProcess.take_back`).
+    def _take_back(self, process: PoolProcess, refill: bool = True) -> Job | None:
+        """The newest job pipelined behind ``process`` if it has not started (see :meth:`PoolProcess.take_back`).
 
-        Unless the process is ``dead``, the queue's first job takes its place.
+        With ``refill``, the queue's first jobs take its place.
         """
         job = process.take_back()
         if job is None:
             return None
         self._pipelined -= 1
-        if not dead:
+        if refill:
             self._fill(process)
         return job
 
@@ -243,18 +272,18 @@ class Pool:
     def _next(self, process: PoolProcess) -> None:
         """Give a process that has finished its job the next one, or mark it idle.
 
-        Its own pipelined job if it has one; else the oldest job pipelined behind another
-        process (so none waits behind a running task while this one is free); else the
-        queue's first.
+        Its own oldest pipelined job if it has one; else the newest job pipelined behind
+        the process with the longest line (so none waits behind a running task while this
+        one is free); else the queue's first.
         """
-        if process.next is not None:
+        if process.waiting:
             promoted = process.promote()  # it took the job after writing its reply; may have run it already
             self._pipelined -= 1
             self.running += 1
             promoted.began = self.recorder.started(promoted.arrived)
             self._fill(process)
             return
-        for other in sorted(self._pipelining(), key=_next_arrival):
+        for other in sorted(self._pipelining(), key=_waiting, reverse=True):
             job = self._take_back(other)
             if job is not None:
                 self._begin(process, job)
@@ -265,10 +294,10 @@ class Pool:
             self._idle.append(process)
 
     def _pipelining(self) -> list[PoolProcess]:
-        """The processes with a job pipelined behind their running one."""
+        """The processes with jobs pipelined behind their running one."""
         if not self._pipelined:
             return []
-        return [process for process in self._processes if process.next is not None]
+        return [process for process in self._processes if process.waiting]
 
     def _on_readable(self, process: PoolProcess) -> None:
         """Hub callback: a process has written (a reply, or end of file)."""
@@ -325,11 +354,11 @@ class Pool:
         """Greenlet: fail the dead process's task with how it ended, and replace it."""
         status = process.exit_status()
         overdue = process.state is ProcessState.OVERDUE
-        waiting = self._take_back(process, dead=True)
-        if waiting is not None:
-            self._jobs.appendleft(waiting)  # it never started: it runs elsewhere, first
-        elif process.next is not None:  # it took the job after its last reply, and died on it
-            lost, process.next = process.next, None
+        unstarted = process.take_back_all()
+        self._pipelined -= len(unstarted)
+        self._jobs.extendleft(reversed(unstarted))  # they never started: they run elsewhere, first
+        while process.waiting:  # it took the job after its last reply, and died on it
+            lost, _ = process.waiting.popleft()
             self._pipelined -= 1
             self.outstanding -= 1
             self._fail(lost, f"pool process {process.pid} {status} while running the task")
@@ -402,7 +431,8 @@ class Pool:
         They will never run here. With ``limit``, at most that many, the newest first (those
         that would wait longest); either way they are returned oldest first.
         Jobs pipelined behind running ones are taken back too, unless their process has
-        just started them; they count as older than those in the queue.
+        just started them; they count as older than those in the queue. (Jobs pipelined
+        behind a taken one that do not match go back to the front of the queue.)
         """
         if limit is None:
             dropped = [job for job in self._jobs if match(job)]
@@ -418,13 +448,19 @@ class Pool:
             gone = set(map(id, dropped))
             self._jobs = deque(job for job in self._jobs if id(job) not in gone)
         taken: list[Job] = []
-        for process in sorted(self._pipelining(), key=_next_arrival, reverse=True):
-            if limit is not None and len(dropped) + len(taken) >= limit:
-                break
-            assert process.next is not None
-            if match(process.next) and (back := self._take_back(process)) is not None:
-                taken.append(back)
-        dropped[:0] = reversed(taken)
+        spared: list[Job] = []
+        for process in sorted(self._pipelining(), key=_newest_arrival, reverse=True):
+            deepest = next((index for index, (job, _) in enumerate(process.waiting) if match(job)), None)
+            while deepest is not None and len(process.waiting) > deepest:
+                if limit is not None and len(dropped) + len(taken) >= limit:
+                    break
+                back = self._take_back(process, refill=False)
+                if back is None:
+                    break  # it has received the rest
+                (taken if match(back) else spared).append(back)
+        if spared:
+            self._jobs.extendleft(sorted(spared, key=_arrival, reverse=True))
+        dropped[:0] = sorted(taken, key=_arrival)
         if dropped:
             self.outstanding -= len(dropped)
             if not self.outstanding:
@@ -484,6 +520,15 @@ class Pool:
         return rows
 
 
-def _next_arrival(process: PoolProcess) -> float:
-    """When the job pipelined behind ``process`` arrived (for sorting)."""
-    return process.next.arrived if process.next is not None else 0.0
+def _waiting(process: PoolProcess) -> int:
+    """How many jobs wait behind ``process``'s running one (for sorting)."""
+    return len(process.waiting)
+
+
+def _newest_arrival(process: PoolProcess) -> float:
+    """When the newest job pipelined behind ``process`` arrived (for sorting)."""
+    return process.waiting[-1][0].arrived if process.waiting else 0.0
+
+
+def _arrival(job: Job) -> float:
+    return job.arrived

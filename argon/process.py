@@ -7,12 +7,15 @@ of a large one when the pipe drains), reads the replies its pool's I/O watcher r
 kills the process when its task overruns the time limit, and reaps it. Which job runs
 where, and what happens when a process dies, is :class:`argon.pool.Pool`'s business.
 
-Small tasks travel instead as messages on two ``SOCK_SEQPACKET`` socket pairs, used in
-turn, whose receiving ends both the process and the worker hold. The worker may queue one
-task behind the running one (:meth:`PoolProcess.pipeline`): the process takes it as soon
-as it has written its reply, without waiting for the worker. Until then the worker can
-take it back (:meth:`PoolProcess.take_back`): a message is received whole by one reader
-only, so whoever receives it owns the task, and it never runs twice.
+Small tasks travel instead as messages on ``depth + 1`` ``SOCK_SEQPACKET`` socket pairs,
+used in turn, whose receiving ends both the process and the worker hold. The worker may
+queue up to ``depth`` tasks behind the running one (:meth:`PoolProcess.pipeline`): the
+process takes the next as soon as it has written its reply, without waiting for the
+worker, so a process running short tasks seldom sleeps, and the worker seldom has to wake
+it. Until then the worker can take the newest of them back (:meth:`PoolProcess.take_back`):
+a message is received whole by one reader only, so whoever receives it owns the task, and
+it never runs twice. Only the newest is taken back, so the sockets that hold tasks are
+always the ones the process will look at next, in its order.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -76,16 +80,30 @@ class Job:
 
 
 class PoolProcess:
-    """One pool process, its pipes and the job it is running (see :class:`ProcessState`)."""
+    """One pool process, its pipes and the jobs it is running and holds (see :class:`ProcessState`).
+
+    Args:
+        python: Interpreter to start it with.
+        max_frame: Largest frame it may send back.
+        env: Its environment.
+        rescued: Given each pipelined job taken back before an overdue task's kill.
+        depth: Most jobs that may wait behind its running one (0: none).
+    """
 
     def __init__(
-        self, python: str, max_frame: int, env: dict[str, str], rescued: Callable[[Job], None] | None = None
+        self,
+        python: str,
+        max_frame: int,
+        env: dict[str, str],
+        rescued: Callable[[Job], None] | None = None,
+        depth: int = defaults.PIPELINE_DEPTH,
     ) -> None:
-        self._rescued = rescued  # given the pipelined job taken back before an overdue task's kill
-        # Two sockets, used in turn, so each holds one task at most: the running one until
-        # the process receives it, or the one pipelined behind it. The worker sends on one
+        self._rescued = rescued
+        self.depth = depth
+        # Sockets used in turn, so each holds one task at most: the running one until the
+        # process receives it, or one of those pipelined behind it. The worker sends on one
         # end of each and keeps a copy of the other, the process's, to take tasks back.
-        self._sockets = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+        self._sockets = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(depth + 1)]
         receivers = [receiver.fileno() for _, receiver in self._sockets]
         try:
             self.popen = gevent.subprocess.Popen(
@@ -102,14 +120,15 @@ class PoolProcess:
         for pair in self._sockets:
             for end in pair:
                 end.setblocking(False)
-        self._turn = 0  # the socket the process takes its next task from, after those sent
-        self._next_socket = 0  # which one ``next`` was sent on
+        self._turn = 0  # the socket the next task goes to (the process reads them in the same order)
         self.pid: int = self.popen.pid
         self.tasks = 0
         self.started = time.time()
         self.state = ProcessState.STARTING
         self.job: Job | None = None
-        self.next: Job | None = None  # pipelined behind ``job``: sent, and not known to have started
+        #: Jobs pipelined behind ``job``, oldest first, each with its socket: sent, and not
+        #: known to have started.
+        self.waiting: deque[tuple[Job, int]] = deque()
         self.streamed = False  # ``job`` came over the stdin pipe: nothing may be pipelined behind it
         self.began = 0.0  # when (monotonic) its current task was written to it
         self.spare: gevent.Greenlet | None = None  # its successor, warmed up by the pool before it retires
@@ -185,31 +204,35 @@ class PoolProcess:
             self._timer = gevent.get_hub().loop.timer(job.task.timeout)
             self._timer.start(self._overdue)
 
+    @property
+    def full(self) -> bool:
+        """Whether no more jobs may be pipelined behind the running one."""
+        return len(self.waiting) >= self.depth
+
     def pipeline(self, job: Job, parts: list[bytes]) -> bool:
-        """Queue a small task behind the running one; False if the socket would not take it."""
-        assert self.job is not None and self.next is None and not self.streamed
+        """Queue a small task behind the running one and those before it; False if the socket would not take it."""
+        assert self.job is not None and not self.full and not self.streamed
         sent = self._send(parts)
         if sent is None:
             return False
-        self.next, self._next_socket = job, sent
+        self.waiting.append((job, sent))
         return True
 
     def promote(self) -> Job:
-        """The process has replied to its running job, so it has taken the pipelined one: count that as running."""
-        job = self.next
-        assert job is not None
-        self.next = None
+        """The process has replied to its running job, so it has taken the oldest pipelined one: now running."""
+        job, _ = self.waiting.popleft()
         self.start_job(job)
         return job
 
     def take_back(self) -> Job | None:
-        """Take back the pipelined job, or None if the process has received it (or there is none).
+        """Take back the newest pipelined job, or None if the process has received it (or there is none).
 
-        Whoever receives the message owns the task, so it never runs twice.
+        Whoever receives the message owns the task, so it never runs twice. A process that
+        has received the newest has received every older one too.
         """
-        job, which = self.next, self._next_socket
-        if job is None:
+        if not self.waiting:
             return None
+        job, which = self.waiting[-1]
         try:
             body = self._sockets[which][1].recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
         except OSError:  # BlockingIOError: the process has it
@@ -217,8 +240,16 @@ class PoolProcess:
         taken = decode(body)
         assert isinstance(taken, Task) and taken.id == job.task.id, "each socket holds one task at most"
         self._turn = which  # the process will look there for its next task
-        self.next = None
+        self.waiting.pop()
         return job
+
+    def take_back_all(self) -> list[Job]:
+        """Take back every pipelined job the process has not received, oldest first."""
+        taken = []
+        while (job := self.take_back()) is not None:
+            taken.append(job)
+        taken.reverse()
+        return taken
 
     def _send(self, parts: list[bytes]) -> int | None:
         """Send a task on the socket whose turn it is; which one, or None if it would not take it."""
@@ -227,7 +258,7 @@ class PoolProcess:
             self._sockets[turn][0].sendmsg(parts)
         except OSError:  # full (or the process is gone): the caller uses the pipe, or the queue
             return None
-        self._turn = 1 - turn
+        self._turn = (turn + 1) % len(self._sockets)
         return turn
 
     def _close_sockets(self) -> None:
@@ -238,16 +269,18 @@ class PoolProcess:
     def _overdue(self) -> None:
         """Hub callback: the running task is overdue; kill the process (the reader reports it).
 
-        A job pipelined behind it is taken back first and handed to ``rescued``. If the
-        process has taken that job already, it has replied to the overdue one (the reply
-        is on its way): it is not killed.
+        The jobs pipelined behind it are taken back first and handed to ``rescued``. If the
+        process has taken one of them already, it has replied to the overdue task (the
+        reply is on its way): it is not killed.
         """
-        if self.next is not None:
-            job = self.take_back()
-            if job is None:
-                return
+        if self.waiting:
+            count = len(self.waiting)
+            taken = self.take_back_all()
             if self._rescued is not None:
-                self._rescued(job)
+                for job in reversed(taken):  # newest first: each goes to the front of the queue
+                    self._rescued(job)
+            if len(taken) < count:
+                return
         self.move(ProcessState.OVERDUE)
         with contextlib.suppress(OSError):
             self.popen.kill()

@@ -1,9 +1,9 @@
 """The loop each pool process runs: read a task from stdin, run it, write the reply.
 
 Started by :class:`argon.process.PoolProcess` (one of a :class:`argon.pool.Pool`) as
-``python -m argon.runner PARENT_PID MAX_FRAME SOCKET_FD SOCKET_FD``. Tasks come as frames
-on stdin (large ones) or as messages on the two inherited ``SOCK_SEQPACKET`` sockets, in
-turn (small ones, maybe one queued behind the running task); each gets exactly one
+``python -m argon.runner PARENT_PID MAX_FRAME SOCKET_FD...``. Tasks come as frames on
+stdin (large ones) or as messages on the inherited ``SOCK_SEQPACKET`` sockets, in turn
+(small ones, maybe a few queued behind the running task); each gets exactly one
 :class:`~argon.protocol.Result` or :class:`~argon.protocol.Failure` on stdout. Before
 the first task the process announces itself with a :class:`~argon.protocol.Hello`.
 After each reply it looks at the socket first: a task queued there starts at once.
@@ -77,7 +77,7 @@ def _tasks(stdin: int, sockets: list[socket.socket], max_frame: int) -> Iterator
         except BlockingIOError:
             pass
         else:
-            turn = 1 - turn
+            turn = (turn + 1) % len(sockets)
             yield body
             continue
         ready, _, _ = select.select([stdin, sockets[turn].fileno()], [], [])
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(parent)
-    sockets = [socket.socket(fileno=int(fd)) for fd in args[2:4]]
+    sockets = [socket.socket(fileno=int(fd)) for fd in args[2:]]
     stdin, stdout = _private_pipes()
     functions = LoadedFunctions()
     _send(stdout, encode_parts(Hello(VERSION, "pool", str(os.getpid()))))

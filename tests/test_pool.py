@@ -596,7 +596,11 @@ log_run = _make_log_run()
 
 def _pipelined(pool: Pool) -> list[Job]:
     """The jobs pipelined behind running ones (white box: whether the path under test is taken)."""
-    return [process.next for process in pool._processes if process.next is not None]
+    return [job for process in pool._processes for job, _ in process.waiting]
+
+
+def _pipelined_behind(process: Any) -> list[Job]:
+    return [job for job, _ in process.waiting]
 
 
 @pytest.mark.timeout(60)
@@ -638,7 +642,7 @@ def test_a_task_pipelined_behind_a_long_one_moves_to_the_process_that_frees_up(p
     short = submit(pool, getpid, tag="short")
     (waiting,) = wait_for(lambda: _pipelined(pool), what="the short task to be pipelined")
     assert waiting.tag == "short" and pool.queued == 1 and pool.running == 2
-    (behind,) = [process for process in pool._processes if process.next is waiting]
+    (behind,) = [process for process in pool._processes if waiting in _pipelined_behind(process)]
     assert behind.job is not None
     other = 2 if behind.job.tag == 1 else 1
     (tmp_path / f"release-{other}").touch()  # the other process frees up; the long task ahead of it holds on
@@ -682,6 +686,75 @@ def test_a_task_past_its_time_limit_does_not_take_the_task_pipelined_behind_it_d
     assert pool.join(10) and pool.queued == 0 and pool.running == 0
 
 
+@pytest.mark.timeout(60)
+def test_every_task_queued_behind_a_long_one_moves_to_the_process_that_frees_up(pools, tmp_path):
+    pool = pools(2, depth=3)
+    longs = [submit(pool, gate, str(tmp_path / f"started-{n}"), str(tmp_path / f"release-{n}"), tag=n)
+             for n in (1, 2)]
+    wait_for(lambda: all((tmp_path / f"started-{n}").exists() for n in (1, 2)), what="both long tasks to start")
+    shorts = [submit(pool, getpid, tag="short") for _ in range(6)]
+    wait_for(lambda: len(_pipelined(pool)) == 6, what="six short tasks to be pipelined")
+    assert sorted(len(process.waiting) for process in pool._processes) == [3, 3]  # evenly, up to the depth
+    (tmp_path / "release-1").touch()  # one process frees up; the long task ahead of the others holds on
+    freed = value(longs[0].get(timeout=30))
+    assert [value(short.get(timeout=10)) for short in shorts] == [freed] * 6  # none waited behind the long one
+    assert not longs[1].ready()
+    (tmp_path / "release-2").touch()
+    assert pool.join(30) and pool.queued == 0
+
+
+@pytest.mark.timeout(60)
+def test_killing_a_process_with_several_tasks_pipelined_behind_its_own(pools, tmp_path):
+    pool = pools(1, depth=3)
+    runs = tmp_path / "runs"
+    running = submit(pool, gate, str(tmp_path / "started"), str(tmp_path / "never"))
+    wait_for(lambda: (tmp_path / "started").exists(), what="the long task to start")
+    waiting = [submit(pool, log_run, str(runs), name) for name in range(5)]
+    wait_for(lambda: len(_pipelined(pool)) == 3 and pool.queued == 5, what="three tasks pipelined, two queued")
+    (victim,) = pool._processes
+    os.kill(victim.pid, signal.SIGKILL)
+    failure = running.get(timeout=30)
+    assert type(failure) is Failure and failure.error == "ProcessDied"
+    assert all(value(reply.get(timeout=30)) != victim.pid for reply in waiting)  # all on the replacement
+    assert runs.read_text().split() == [str(name) for name in range(5)]  # once each, in order
+    assert pool.join(10) and pool.queued == 0 and pool.running == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_task_past_its_time_limit_hands_every_task_pipelined_behind_it_on(pools, tmp_path):
+    pool = pools(1, depth=3)
+    runs = tmp_path / "runs"
+    slow = submit(pool, gate, str(tmp_path / "started"), str(tmp_path / "never"), timeout=1.0)
+    wait_for(lambda: (tmp_path / "started").exists(), what="the slow task to start")
+    waiting = [submit(pool, log_run, str(runs), name) for name in range(3)]
+    assert len(_pipelined(pool)) == 3, "the tasks were not pipelined: the test does not test it"
+    failure = slow.get(timeout=30)
+    assert type(failure) is Failure and failure.error == "TaskTimeout"
+    for reply in waiting:
+        value(reply.get(timeout=30))
+    assert runs.read_text().split() == ["0", "1", "2"]
+    assert pool.join(10) and pool.queued == 0 and pool.running == 0
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_the_tasks_of_one_tag_spares_the_others_pipelined_behind_them(pools, tmp_path):
+    pool = pools(1, depth=4)
+    runs = tmp_path / "runs"
+    running = submit(pool, gate, str(tmp_path / "started"), str(tmp_path / "release"))
+    wait_for(lambda: (tmp_path / "started").exists(), what="the long task to start")
+    replies = {name: submit(pool, log_run, str(runs), name, tag="a" if name % 2 else "b") for name in range(6)}
+    wait_for(lambda: len(_pipelined(pool)) == 4, what="four tasks to be pipelined")
+    dropped = pool.cancel(lambda job: job.tag == "a")
+    assert sorted(loads(job.task.args)[0][1] for job in dropped) == [1, 3, 5]
+    (tmp_path / "release").touch()
+    value(running.get(timeout=30))
+    for name in (0, 2, 4):
+        value(replies[name].get(timeout=30))
+    assert pool.join(10) and pool.queued == 0
+    assert sorted(runs.read_text().split()) == ["0", "2", "4"]  # the spared ones ran once, the others never
+    assert not any(replies[name].ready() for name in (1, 3, 5))
+
+
 @pytest.mark.timeout(10)
 def test_a_job_is_encoded_once_however_often_it_is_offered() -> None:
     """Offering a job for pipelining, taking it back and sending it again reuses one encoding."""
@@ -692,3 +765,13 @@ def test_a_job_is_encoded_once_however_often_it_is_offered() -> None:
     large = Job(Task(2, b"f", b"x" * (defaults.PIPELINE_BYTES + 1), None), lambda reply: None)
     assert large.encoded()[1] is False
     assert any(part is large.task.args for part in large.encoded()[0])  # the payload is not copied
+
+
+def test_pipelining_is_only_as_deep_as_the_limit_on_open_files_allows() -> None:
+    from argon.pool import SPARE_FILES, files_needed, fitting_depth
+
+    assert files_needed(2, 4) == 2 * (2 * 5 + 2) + SPARE_FILES
+    assert fitting_depth(2, 4, 1024) == 4
+    assert fitting_depth(64, 4, 1000) == 3  # 64 x (2 x 4 + 2) + 256 = 896 fits; depth 4 needs 1,024
+    assert fitting_depth(128, 4, 1024) == 1
+    assert fitting_depth(512, 4, 1024) == 0  # not even one pair to spare: no pipelining
