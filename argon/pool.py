@@ -212,10 +212,18 @@ class Pool:
             return
         self._jobs.append(job)
         if self._pipelined < len(self._processes) * self.depth:
-            # Behind the process with the fewest waiting, so a queue grows evenly.
-            for process in sorted(self._processes, key=_waiting):
-                if not process.full and self._fill(process):
-                    break
+            # Behind the busy process with the fewest waiting, so the lines grow evenly.
+            shortest = None
+            for process in self._processes:
+                if (
+                    process.job is not None
+                    and not process.full
+                    and not process.streamed
+                    and (shortest is None or len(process.waiting) < len(shortest.waiting))
+                ):
+                    shortest = process
+            if shortest is not None:
+                self._fill(shortest)
 
     def _begin(self, process: PoolProcess, job: Job) -> None:
         self.running += 1
