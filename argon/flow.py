@@ -9,9 +9,10 @@ long ones, and none while every process is stuck on a task far longer than usual
 
 The manager files each worker in :class:`Routes` by its idle processes and its spare
 credit: a task goes to the worker with the most idle processes, and waits in a worker's
-prefetch only when no process is idle anywhere. A worker that holds tasks beyond its
-processes is listed in :attr:`Routes.prefetching`, so the manager can take them back
-when a process is idle elsewhere.
+prefetch only when no process is idle anywhere; then one worker's spare credit is filled
+before the next one's, so that its tasks travel together. A worker that holds tasks
+beyond its processes is listed in :attr:`Routes.prefetching`, so the manager can take
+them back when a process is idle elsewhere.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Routes(Generic[L]):
         self._spare: list[dict[L, None]] = [{}]  # [n]: workers with n spare credits, no idle process
         self._top_idle = 0  # no bucket above these holds a worker
         self._top_spare = 0
+        self._run: L | None = None  # the worker whose spare credit is being filled (see take)
         self.idle = 0
         self.waiting = 0
         self.prefetching: dict[L, None] = {}
@@ -60,7 +62,10 @@ class Routes(Generic[L]):
     def take(self) -> L | None:
         """The worker the next task should go to, or None if none has room.
 
-        The caller adds the task to its ``inflight`` and calls :meth:`update`.
+        The one with the most idle processes; with none idle anywhere, the worker whose
+        spare credit is being filled until it is full (then the one with the most), so
+        that a run of tasks goes to one worker in one frame rather than one task to each
+        of many. The caller adds the task to its ``inflight`` and calls :meth:`update`.
         """
         buckets, top = self._idle, self._top_idle
         while top and not buckets[top]:
@@ -68,12 +73,16 @@ class Routes(Generic[L]):
         self._top_idle = top
         if top:
             return next(iter(buckets[top]))
+        run = self._run
+        if run is not None:
+            return run  # fill its credit: its tasks travel together, in one frame
         buckets, top = self._spare, self._top_spare
         while top and not buckets[top]:
             top -= 1
         self._top_spare = top
         if top:
-            return next(iter(buckets[top]))
+            run = self._run = next(iter(buckets[top]))
+            return run
         return None
 
     def update(self, link: L) -> None:
@@ -100,6 +109,8 @@ class Routes(Generic[L]):
             link.spare = spare
             if spare > self._top_spare:
                 self._top_spare = spare
+            if not spare and link is self._run:
+                self._run = None
         if waiting != link.waiting:
             self.waiting += waiting - link.waiting
             link.waiting = waiting

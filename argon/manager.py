@@ -9,9 +9,10 @@ by ``queue_size``: beyond it they are rejected at once and the client retries th
 
 No task waits behind a running one while a process is idle elsewhere: when the queue is
 empty, a process is idle and some worker holds tasks it has not started, the manager asks
-for them back (:class:`~argon.protocol.Reclaim`). The worker hands back only tasks that
-have not started, and they never run there (:class:`~argon.protocol.Handback`); they go
-back to the front of the queue. A draining worker hands back what it has not started too.
+for them back (:class:`~argon.protocol.Reclaim`), once per turn of its event loop for all
+the processes idle by then. The worker hands back only tasks that have not started, and
+they never run there (:class:`~argon.protocol.Handback`); they go back to the front of
+the queue. A draining worker hands back what it has not started too.
 
 A worker whose connection closes, or that misses its heartbeats, is dropped at once;
 the tasks it held go back to the front of the queue (each task is sent at most
@@ -75,6 +76,7 @@ class Manager(Server):
         self._routes: Routes[WorkerLink] = Routes()
         self._pending: deque[Ticket] = deque()
         self._reclaiming = 0  # tasks asked back from all workers and not answered yet
+        self._reclaim_due = False  # a _reclaim is scheduled (see _pump)
         self._next_id = 0
         # Since when no registered worker takes tasks (None: one does); see fail_unserved.
         self._unserved_since: float | None = self.clock()
@@ -292,11 +294,18 @@ class Manager(Server):
                 ticket.client.reply(Failure(task.id, MessageTooLarge.__name__, str(exc)))
             except ConnectionLost as exc:
                 self.drop_worker(link, str(exc))
-        if routes.prefetching and routes.idle > self._reclaiming:
-            self._reclaim()
+        if routes.prefetching and routes.idle > self._reclaiming and not self._reclaim_due:
+            # Once the loop has handled everything that arrived with this: results from
+            # other workers add idle processes (one Reclaim asks for all of them), and
+            # new tasks may fill them (none need be taken back).
+            self._reclaim_due = True
+            gevent.get_hub().loop.run_callback(self._reclaim)
 
     def _reclaim(self) -> None:
         """Ask workers holding unstarted tasks for as many as there are idle processes elsewhere."""
+        self._reclaim_due = False
+        if self._pending:
+            return  # only while nothing is queued (queued tasks go to idle processes first)
         idle = self._routes.idle - self._reclaiming
         for link in list(self._routes.prefetching):  # only those not asked already
             if idle <= 0:

@@ -19,6 +19,7 @@ import socket
 from collections import deque
 from typing import Any
 
+import gevent
 import pytest
 
 from argon import defaults
@@ -178,8 +179,9 @@ class Sim:
 
     def settle(self) -> None:
         """Deliver what the manager sent until nothing is in flight."""
+        gevent.sleep(0)  # what the manager does once the loop has handled what came in (a Reclaim)
         while sum(w.inbox() for w in self.workers if w.alive):
-            pass
+            gevent.sleep(0)
 
     def replies(self, client: int = 0) -> list[Any]:
         return [m for m in self.clients[client][1].sent if type(m) in (Result, Failure)]
@@ -234,6 +236,19 @@ def test_prefetch_is_used_only_when_no_process_is_idle_anywhere():
     sim.submit(2)
     sim.settle()
     assert list(deep.waiting) == [5, 6]  # then the prefetch, since nobody else has room
+
+
+def test_prefetch_fills_one_worker_s_credit_before_the_next_so_its_tasks_travel_together():
+    sim = Sim()
+    a, b = sim.worker(1, prefetch=4), sim.worker(1, prefetch=4)
+    sim.submit(10)
+    sim.settle()
+    assert sorted(a.running + b.running) == [1, 2]  # every idle process first, one task each
+    assert sorted([list(a.waiting), list(b.waiting)]) == [[3, 4, 5, 6], [7, 8, 9, 10]]  # not 3, 5, 7, 9
+    a.finish()
+    sim.submit(2)
+    sim.settle()
+    assert sorted(a.running + b.running) == [2, 3] and len(a.holds()) + len(b.holds()) == 10
 
 
 @pytest.mark.parametrize("limit", [0, 1, 2, 5])
@@ -406,6 +421,7 @@ def test_a_returned_task_never_runs_twice_even_when_the_reclaim_comes_late():
     sim.settle()
     assert a.holds() == [1, 3, 4] and b.running == [2]
     b.finish()  # b is idle: the manager asks a for one of its two waiting tasks...
+    gevent.sleep(0)  # (once the loop has handled what came in with b's result)
     reclaim = [m for m in a.conn.drain() if type(m) is Reclaim]
     assert reclaim == [Reclaim(1)]
     a.finish()  # ...but a finishes its task and starts task 3 before the request arrives
@@ -417,6 +433,36 @@ def test_a_returned_task_never_runs_twice_even_when_the_reclaim_comes_late():
     b.finish()
     assert sorted(a.started + b.started) == [1, 2, 3, 4]  # each ran exactly once
     assert sorted(r.id for r in sim.replies()) == [1, 2, 3, 4]
+
+
+def test_processes_freed_in_one_loop_turn_share_one_reclaim():
+    sim = Sim()
+    deep = sim.worker(1, prefetch=8)
+    others = [sim.worker(1) for _ in range(3)]
+    sim.submit(12)
+    sim.settle()
+    assert deep.running == [1] and list(deep.waiting) == list(range(5, 13))
+    for worker in others:  # their results arrive together
+        worker.finish()
+    gevent.sleep(0)
+    reclaim = [m for m in deep.conn.drain() if type(m) is Reclaim]
+    assert reclaim == [Reclaim(3)]  # one request for all three idle processes, not three
+    deep.conn.sent.extend(reclaim)
+    sim.settle()
+    assert sorted(w.running[0] for w in others) == [10, 11, 12] and list(deep.waiting) == list(range(5, 10))
+
+
+def test_no_reclaim_when_new_tasks_take_the_freed_processes_in_the_same_turn():
+    sim = Sim()
+    deep = sim.worker(1, prefetch=8)
+    other = sim.worker(1)
+    sim.submit(6)
+    sim.settle()
+    other.finish()
+    sim.submit(1)  # arrives with the result: it takes the idle process
+    sim.settle()
+    assert other.running == [7] and not [m for m in deep.conn.sent if type(m) is Reclaim]
+    assert sim.status()["handed_back"] == 0
 
 
 def test_returned_tasks_do_not_count_as_attempts():
