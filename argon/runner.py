@@ -17,6 +17,7 @@ It imports no gevent: a pool process is a plain, single-threaded Python process.
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     sockets = [socket.socket(fileno=int(fd)) for fd in args[2:]]
     stdin, stdout = _private_pipes()
     functions = LoadedFunctions()
+    gc.freeze()  # the runner's own objects live as long as the process: full collections skip them
     _send(stdout, encode_parts(Hello(VERSION, "pool", str(os.getpid()))))
     for body in _tasks(stdin, sockets, max_frame):
         task = decode(body)
