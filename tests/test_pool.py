@@ -599,6 +599,13 @@ def _pipelined(pool: Pool) -> list[Job]:
     return [job for process in pool._processes for job, _ in process.waiting]
 
 
+def _held(pool: Pool, tmp_path: Any, release: str = "never", timeout: float | None = None) -> Any:
+    """Start a task that runs until ``tmp_path / release`` exists; return its reply once it runs."""
+    reply = submit(pool, gate, str(tmp_path / "started"), str(tmp_path / release), timeout=timeout)
+    wait_for(lambda: (tmp_path / "started").exists(), what="the long task to start")
+    return reply
+
+
 def _pipelined_behind(process: Any) -> list[Job]:
     return [job for job, _ in process.waiting]
 
@@ -657,8 +664,7 @@ def test_a_task_pipelined_behind_a_long_one_moves_to_the_process_that_frees_up(p
 def test_killing_a_process_with_a_task_pipelined_behind_its_own(pools, tmp_path):
     pool = pools(1)
     runs = tmp_path / "runs"
-    running = submit(pool, gate, str(tmp_path / "started"), str(tmp_path / "never"))
-    wait_for(lambda: (tmp_path / "started").exists(), what="the long task to start")
+    running = _held(pool, tmp_path)
     waiting = submit(pool, log_run, str(runs), 7)
     wait_for(lambda: _pipelined(pool), what="the second task to be pipelined")
     (victim,) = pool._processes
@@ -675,8 +681,7 @@ def test_killing_a_process_with_a_task_pipelined_behind_its_own(pools, tmp_path)
 def test_a_task_past_its_time_limit_does_not_take_the_task_pipelined_behind_it_down(pools, tmp_path):
     pool = pools(1)
     runs = tmp_path / "runs"
-    slow = submit(pool, gate, str(tmp_path / "started"), str(tmp_path / "never"), timeout=1.0)
-    wait_for(lambda: (tmp_path / "started").exists(), what="the slow task to start")
+    slow = _held(pool, tmp_path, timeout=1.0)
     waiting = submit(pool, log_run, str(runs), 3)
     assert _pipelined(pool), "the second task was not pipelined: the test does not test it"
     failure = slow.get(timeout=30)
@@ -707,8 +712,7 @@ def test_every_task_queued_behind_a_long_one_moves_to_the_process_that_frees_up(
 def test_killing_a_process_with_several_tasks_pipelined_behind_its_own(pools, tmp_path):
     pool = pools(1, depth=3)
     runs = tmp_path / "runs"
-    running = submit(pool, gate, str(tmp_path / "started"), str(tmp_path / "never"))
-    wait_for(lambda: (tmp_path / "started").exists(), what="the long task to start")
+    running = _held(pool, tmp_path)
     waiting = [submit(pool, log_run, str(runs), name) for name in range(5)]
     wait_for(lambda: len(_pipelined(pool)) == 3 and pool.queued == 5, what="three tasks pipelined, two queued")
     (victim,) = pool._processes
@@ -724,8 +728,7 @@ def test_killing_a_process_with_several_tasks_pipelined_behind_its_own(pools, tm
 def test_a_task_past_its_time_limit_hands_every_task_pipelined_behind_it_on(pools, tmp_path):
     pool = pools(1, depth=3)
     runs = tmp_path / "runs"
-    slow = submit(pool, gate, str(tmp_path / "started"), str(tmp_path / "never"), timeout=1.0)
-    wait_for(lambda: (tmp_path / "started").exists(), what="the slow task to start")
+    slow = _held(pool, tmp_path, timeout=1.0)
     waiting = [submit(pool, log_run, str(runs), name) for name in range(3)]
     assert len(_pipelined(pool)) == 3, "the tasks were not pipelined: the test does not test it"
     failure = slow.get(timeout=30)
@@ -740,8 +743,7 @@ def test_a_task_past_its_time_limit_hands_every_task_pipelined_behind_it_on(pool
 def test_cancelling_the_tasks_of_one_tag_spares_the_others_pipelined_behind_them(pools, tmp_path):
     pool = pools(1, depth=4)
     runs = tmp_path / "runs"
-    running = submit(pool, gate, str(tmp_path / "started"), str(tmp_path / "release"))
-    wait_for(lambda: (tmp_path / "started").exists(), what="the long task to start")
+    running = _held(pool, tmp_path, "release")
     replies = {name: submit(pool, log_run, str(runs), name, tag="a" if name % 2 else "b") for name in range(6)}
     wait_for(lambda: len(_pipelined(pool)) == 4, what="four tasks to be pipelined")
     dropped = pool.cancel(lambda job: job.tag == "a")
