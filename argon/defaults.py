@@ -160,11 +160,11 @@ PIPELINE_BYTES = 64 * 1024
 """Largest task (encoded) a worker queues behind a pool process's running task, so the process
 starts it without waiting for the worker; larger ones go only to idle processes."""
 
-PIPELINE_DEPTH = 4
+PIPELINE_DEPTH = 8
 """Most tasks a worker queues behind each pool process's running task (while its tasks are
 short). A process that finds its next task already queued need not sleep, and the worker
 need not wake it: a 2-process pool alone ran trivial tasks about 1.5x faster with 4 than
-with 1."""
+with 1, and through a manager 8 used about 14% less CPU per task than 4."""
 
 MAX_PREFETCH = 64
 """Most tasks a worker holds beyond its processes, however short its tasks are."""
