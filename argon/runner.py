@@ -6,7 +6,9 @@ stdin (large ones) or as messages on the inherited ``SOCK_SEQPACKET`` sockets, i
 (small ones, maybe a few queued behind the running task); each gets exactly one
 :class:`~argon.protocol.Result` or :class:`~argon.protocol.Failure` on stdout. Before
 the first task the process announces itself with a :class:`~argon.protocol.Hello`.
-After each reply it looks at the socket first: a task queued there starts at once.
+After each reply it looks at the socket first: a task queued there starts at once; with
+none queued, it keeps looking for a few tens of microseconds before it sleeps, while its
+tasks come that close together (see :data:`argon.defaults.POLL_BEFORE_SLEEP`).
 
 The process keeps private copies of its pipes and points file descriptors 0 and 1 at
 ``/dev/null`` and stderr, so a task that prints or reads stdin cannot corrupt the frame
@@ -23,6 +25,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator
 
@@ -58,17 +61,37 @@ def _send(fd: int, parts: list[bytes]) -> None:
             views[0] = views[0][written:]
 
 
-def _tasks(stdin: int, sockets: list[socket.socket], max_frame: int) -> Iterator[Buffer]:
+def _poll(sock: socket.socket, seconds: float) -> bytes | None:
+    """Look for a task on ``sock`` for up to ``seconds``, yielding the CPU between looks."""
+    end = time.perf_counter() + seconds
+    while True:
+        try:
+            return sock.recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if time.perf_counter() >= end:
+                return None
+            os.sched_yield()
+
+
+def _tasks(
+    stdin: int, sockets: list[socket.socket], max_frame: int, poll: float = defaults.POLL_BEFORE_SLEEP
+) -> Iterator[Buffer]:
     """Task bodies as they come, from the pipe or the sockets (in turn), until the pipe closes.
 
     The worker writes a frame on the pipe only to an idle process (one that has received
     every task sent to it), so the order between pipe and sockets is never in doubt.
     The sockets are shared with the worker, which may take a queued task back first: a
     receive that finds nothing is not an error (the next task comes on the same socket).
+
+    With nothing queued, the process looks for its next task for up to ``poll`` seconds
+    before it sleeps, as long as its last wait for one lasted less than four times that: a
+    worker sending a stream of short tasks then need not wake it (which costs the worker
+    far more than a send), and a process whose tasks come seldom sleeps at once.
     """
     frames: deque[Buffer] = deque()
     buffer = FrameBuffer(max_frame)
     turn = 0
+    polling = poll > 0
     while True:
         if frames:
             yield frames.popleft()
@@ -76,12 +99,16 @@ def _tasks(stdin: int, sockets: list[socket.socket], max_frame: int) -> Iterator
         try:
             body = sockets[turn].recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            pass
-        else:
+            body = None
+            waiting = time.perf_counter()
+            if polling:
+                body = _poll(sockets[turn], poll)
+        if body is not None:
             turn = (turn + 1) % len(sockets)
             yield body
             continue
         ready, _, _ = select.select([stdin, sockets[turn].fileno()], [], [])
+        polling = poll > 0 and time.perf_counter() - waiting < 4 * poll
         if stdin in ready:
             data = os.read(stdin, 1 << 20)
             if not data:

@@ -777,3 +777,58 @@ def test_pipelining_is_only_as_deep_as_the_limit_on_open_files_allows() -> None:
     assert fitting_depth(64, 4, 1000) == 3  # 64 x (2 x 4 + 2) + 256 = 896 fits; depth 4 needs 1,024
     assert fitting_depth(128, 4, 1024) == 1
     assert fitting_depth(512, 4, 1024) == 0  # not even one pair to spare: no pipelining
+
+
+@pytest.mark.timeout(30)
+def test_a_pool_process_polls_for_its_next_task_only_while_tasks_come_close_together(monkeypatch) -> None:
+    """The runner's task loop: a task sent soon after the last is found without sleeping;
+    after a long wait the process sleeps at once, and polls again once tasks come quickly."""
+    import select
+    import socket as stdsocket
+    import threading
+    import types
+
+    from argon import runner
+
+    poll = 0.2
+    sleeps = []
+
+    def counting_select(*args: Any) -> Any:
+        sleeps.append(1)
+        return select.select(*args)
+
+    monkeypatch.setattr(runner, "select", types.SimpleNamespace(select=counting_select))
+    ours, theirs = stdsocket.socketpair(stdsocket.AF_UNIX, stdsocket.SOCK_SEQPACKET)
+    stdin, feeder = os.pipe()
+    tasks = runner._tasks(stdin, [theirs], 1 << 20, poll=poll)
+
+    def after(delay: float, body: bytes) -> bytes:
+        timer = threading.Timer(delay, ours.send, (body,))
+        timer.start()
+        try:
+            return next(tasks)
+        finally:
+            timer.join()
+
+    try:
+        ours.send(b"first")
+        assert next(tasks) == b"first" and not sleeps
+        assert after(0.01, b"soon") == b"soon"
+        assert not sleeps  # found while polling: nobody had to wake the process
+        assert after(1.0, b"late") == b"late"
+        assert len(sleeps) == 1  # polled for 0.2 s, then slept until the task came
+        assert after(0.01, b"after a long wait") == b"after a long wait"
+        assert len(sleeps) == 2  # the last wait was long: it slept at once
+        assert after(0.01, b"close again") == b"close again"
+        assert len(sleeps) == 2  # the last wait was short: polling again
+        os.close(feeder)
+        feeder = -1
+        with pytest.raises(StopIteration):  # the worker closed its pipe: the loop ends
+            next(tasks)
+    finally:
+        tasks.close()
+        for fd in (stdin, feeder):
+            if fd >= 0:
+                os.close(fd)
+        ours.close()
+        theirs.close()
