@@ -20,8 +20,11 @@ With ``--managers N`` (N > 1) there are N managers, every worker serves them all
 client is given all of them; a ``--manager-share`` of the faults then SIGKILLs a random
 live manager (never the last one) and restarts it on its port ``--restart-delay`` seconds
 later. The client must resend what that manager held: a task is **lost** if it neither
-returned its correct result nor failed with ``ProcessDied`` (the one error a pool-process
-kill legitimately causes), and no task may be lost.
+returned its correct result nor failed with one of the two errors the kills legitimately
+cause: ``ProcessDied`` (its pool process was killed) or ``WorkerLost`` after the workers
+holding it were lost ``MAX_ATTEMPTS`` (3) times (the contract's bound on resends; a
+``WorkerLost`` with fewer losses is counted as ``WorkerLost (early)`` and is lost). No
+task may be lost.
 
 Each deferred is waited for with ``--wait`` seconds; one that neither returns nor raises
 by then is *hung*. The run prints, and writes to ``bench/results/chaos.json``: tasks
@@ -57,7 +60,7 @@ import gevent.pool
 import gevent.subprocess
 import psutil
 
-from argon import ArgonError, Client, TaskTimeout
+from argon import ArgonError, Client, TaskTimeout, WorkerLost, defaults
 from bench import common
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,6 +232,9 @@ def drive(client: Client, task: Callable[[int], int], tasks: int, window: int, w
                 tally.outcome[i] = "hung"
             else:
                 tally.note(i, type(exc).__name__, tally.errors, exc)
+        except WorkerLost as exc:  # legitimate only once the resends are used up
+            spent = f"lost {defaults.MAX_ATTEMPTS} times" in str(exc)
+            tally.note(i, "WorkerLost" if spent else "WorkerLost (early)", tally.errors, exc)
         except ArgonError as exc:
             tally.note(i, type(exc).__name__, tally.errors, exc)
         except Exception as exc:
@@ -324,7 +330,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         while (status := final_status(chaos.managers))["workers_at_end"] < live_workers and time.monotonic() < settle:
             gevent.sleep(0.2)
         faults = dict(chaos.counts)
-        lost = tally.submitted - tally.correct - tally.errors.get("ProcessDied", 0)
+        lost = tally.submitted - tally.correct - tally.errors["ProcessDied"] - tally.errors["WorkerLost"]
         record = {
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items() if k != "quick"},
             "tasks": {
