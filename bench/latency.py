@@ -26,7 +26,15 @@ pipe for a stand-alone worker), once with blocking reads and writes and once on 
 hubs the way Argon's processes read and write (an I/O watcher, a hub callback). They show
 what the hops themselves cost on this machine, so that the rest of Argon's figure is the
 work Argon does at each hop (decoding, routing, bookkeeping, encoding) rather than the
-number of hops."""
+number of hops.
+
+One `queue()` round trip through a manager wakes a sleeping process or thread eight times
+(the client's network thread, the manager, the worker, the pool process, the worker, the
+manager, the client's network thread, the calling thread); `Pool.apply` wakes four (its
+task thread, its worker process, its result thread, the caller). On this virtual machine
+a wake-up is costly: in a `perf` profile of the round trips, about half of each Argon
+process's CPU time was in the kernel, most of it waking the next process (the
+inter-processor interrupt) or spinning on the socket lock its waker still held."""
 
 WARMUP = 100
 #: The relay chains (see ``bench.baselines._relay``) and their labels.
