@@ -172,7 +172,8 @@ CPU to anything runnable) before it sleeps, while its tasks come that close toge
 2-vCPU test VM waking a sleeping process costs its waker tens of microseconds; polling
 first ran trivial tasks through a manager about 1.1x as fast (median of eight alternating
 pairs), with no more CPU per task. A process whose last wait lasted four times this or
-more sleeps at once."""
+more sleeps at once; at worst, one whose tasks come 50 to about 200 microseconds apart
+polls in vain for up to this long per task."""
 
 MAX_PREFETCH = 64
 """Most tasks a worker holds beyond its processes, however short its tasks are."""
