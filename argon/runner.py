@@ -61,16 +61,14 @@ def _send(fd: int, parts: list[bytes]) -> None:
             views[0] = views[0][written:]
 
 
-def _poll(sock: socket.socket, seconds: float) -> bytes | None:
-    """Look for a task on ``sock`` for up to ``seconds``, yielding the CPU between looks."""
+def _poll(fds: list[int], seconds: float) -> list[int]:
+    """Those of ``fds`` that become readable within ``seconds``, yielding the CPU between looks."""
     end = time.perf_counter() + seconds
     while True:
-        try:
-            return sock.recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            if time.perf_counter() >= end:
-                return None
-            os.sched_yield()
+        ready, _, _ = select.select(fds, [], [], 0)
+        if ready or time.perf_counter() >= end:
+            return ready
+        os.sched_yield()
 
 
 def _tasks(
@@ -99,16 +97,17 @@ def _tasks(
         try:
             body = sockets[turn].recv(defaults.PIPELINE_BYTES, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            body = None
-            waiting = time.perf_counter()
-            if polling:
-                body = _poll(sockets[turn], poll)
-        if body is not None:
+            pass
+        else:
             turn = (turn + 1) % len(sockets)
             yield body
             continue
-        ready, _, _ = select.select([stdin, sockets[turn].fileno()], [], [])
-        polling = poll > 0 and time.perf_counter() - waiting < 4 * poll
+        fds = [stdin, sockets[turn].fileno()]
+        waiting = time.perf_counter()
+        ready = _poll(fds, poll) if polling else []
+        if not ready:
+            ready, _, _ = select.select(fds, [], [])
+            polling = poll > 0 and time.perf_counter() - waiting < 4 * poll
         if stdin in ready:
             data = os.read(stdin, 1 << 20)
             if not data:

@@ -789,12 +789,14 @@ def test_a_pool_process_polls_for_its_next_task_only_while_tasks_come_close_toge
     import types
 
     from argon import runner
+    from argon.framing import frame
 
     poll = 0.2
     sleeps = []
 
     def counting_select(*args: Any) -> Any:
-        sleeps.append(1)
+        if len(args) == 3:  # no timeout: the process sleeps until something arrives
+            sleeps.append(1)
         return select.select(*args)
 
     monkeypatch.setattr(runner, "select", types.SimpleNamespace(select=counting_select))
@@ -821,6 +823,11 @@ def test_a_pool_process_polls_for_its_next_task_only_while_tasks_come_close_toge
         assert len(sleeps) == 2  # the last wait was long: it slept at once
         assert after(0.01, b"close again") == b"close again"
         assert len(sleeps) == 2  # the last wait was short: polling again
+        timer = threading.Timer(0.01, os.write, (feeder, frame(b"a large one, on the pipe")))
+        timer.start()
+        assert next(tasks) == b"a large one, on the pipe"
+        timer.join()
+        assert len(sleeps) == 2  # the poll watches the pipe too
         os.close(feeder)
         feeder = -1
         with pytest.raises(StopIteration):  # the worker closed its pipe: the loop ends
