@@ -19,6 +19,11 @@ and `ProcessPoolExecutor(2).submit(...).result()` in a fresh process. Each figur
 from the same number of round trips after a warm-up of 100; the four take turns in three
 rounds, with the order rotated, so changes in the machine's load hit them alike.
 
+One more row runs the same round trips through the same manager from a client created
+with `own_thread=False`, whose network I/O runs on the calling greenlet's own gevent hub
+(as in a monkey-patched program): the same hops without the hand-offs between the
+caller's thread and the client's network thread.
+
 Three more rows run no task system at all: a chain of plain processes that pass a
 100-byte message along the hops of Argon's round trip and back (client to manager and
 manager to worker over TCP on loopback, worker to pool process over a pipe; or TCP and a
@@ -28,13 +33,16 @@ what the hops themselves cost on this machine, so that the rest of Argon's figur
 work Argon does at each hop (decoding, routing, bookkeeping, encoding) rather than the
 number of hops.
 
-One `queue()` round trip through a manager wakes a sleeping process or thread eight times
-(the client's network thread, the manager, the worker, the pool process, the worker, the
-manager, the client's network thread, the calling thread); `Pool.apply` wakes four (its
-task thread, its worker process, its result thread, the caller). On this virtual machine
-a wake-up is costly: in a `perf` profile of the round trips, about half of each Argon
-process's CPU time was in the kernel, most of it waking the next process (the
-inter-processor interrupt) or spinning on the socket lock its waker still held."""
+One `queue()` round trip through a manager wakes a sleeping process six times (the
+manager, the worker, the pool process, the worker, the manager, the client);
+`Pool.apply` wakes two (its worker process, then its own process's result thread). Both
+also hand the call twice between threads of one process (Argon's caller and network
+thread; `Pool`'s caller and its task and result threads): the row for a client on the
+caller's hub shows what Argon's two hand-offs cost. On this virtual machine waking
+another process is costly: in a `perf` profile of the round trips, about
+half of each Argon process's CPU time was in the kernel, most of it waking the next
+process (the inter-processor interrupt) or spinning on the socket lock its waker still
+held."""
 
 WARMUP = 100
 #: The relay chains (see ``bench.baselines._relay``) and their labels.
@@ -71,8 +79,11 @@ def run(quick: bool) -> dict[str, Any]:
     per_round = count // rounds
     with common.Stack() as one, common.Stack() as two:  # both up at once, measured in turn
         via, direct = cluster(one), cluster(two, direct=True)
+        manager = next(proc for proc in one.procs if proc.name == "manager")
+        on_hub = one.client(manager, own_thread=False)  # the caller's own hub: no thread hand-off
         runs = common.interleave(rounds, {
             "via": lambda: argon_latencies(via, per_round),
+            "hub": lambda: argon_latencies(on_hub, per_round),
             "direct": lambda: argon_latencies(direct, per_round),
             "pool": lambda: common.run_baseline(["pool", "latency", str(per_round)], 120),
             "ppe": lambda: common.run_baseline(["ppe", "latency", str(per_round)], 120),
@@ -81,6 +92,7 @@ def run(quick: bool) -> dict[str, Any]:
         })
     series: dict[str, list[float] | None] = {
         "Argon queue() via manager": [x for part in runs["via"] for x in part],
+        "Argon queue() via manager, client on the caller's gevent hub": [x for part in runs["hub"] for x in part],
         "Argon queue() to stand-alone worker": [x for part in runs["direct"] for x in part],
     }
     for peer, label in (("pool", "multiprocessing.Pool(2).apply"), ("ppe", "ProcessPoolExecutor(2) submit+result"),
