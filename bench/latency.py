@@ -16,8 +16,8 @@ One client runs trivial tasks one after another with `queue()` (send, wait for t
 result, send the next), through a manager with one worker of 2 processes, and straight
 to a stand-alone worker. The baselines do the same with `multiprocessing.Pool(2).apply`
 and `ProcessPoolExecutor(2).submit(...).result()` in a fresh process. Each figure comes
-from the same number of round trips after a warm-up of 100; the four take turns in three
-rounds, with the order rotated, so changes in the machine's load hit them alike.
+from the same number of round trips after a warm-up of 100; all the rows below take turns
+in three rounds, with the order rotated, so changes in the machine's load hit them alike.
 
 One more row runs the same round trips through the same manager from a client created
 with `own_thread=False`, whose network I/O runs on the calling greenlet's own gevent hub
