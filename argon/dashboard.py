@@ -94,8 +94,7 @@ class Dashboard:
     def sample(self) -> None:
         """Take one history sample (called every second)."""
         status = dict(self.server.status())
-        top = max(status["capacity"], status["busy"])  # draining workers' tasks are busy, not capacity
-        self.history.add(status, round(self.server.recorder.busy_average(status["busy"], top), 2))
+        self.history.add(status, round(self.server.recorder.busy_average(status["busy"], status["capacity"]), 2))
 
     def figures(self) -> dict[str, Any]:
         """``status()`` now, with worker rates and states, departed workers and the queue's age."""

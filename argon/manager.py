@@ -386,7 +386,9 @@ class Manager(Server):
         return {
             **self.base_status(),
             "workers": [row.as_dict() for row in rows],
-            "capacity": sum(row.capacity for row in rows if not row.draining),
+            # A draining worker takes nothing new: only its processes still running a task
+            # count, so that busy never exceeds capacity.
+            "capacity": sum(row.busy if row.draining else row.capacity for row in rows),
             "busy": sum(row.busy for row in rows),
             "prefetched": sum(row.prefetched for row in rows),
             "queued": len(self._pending),

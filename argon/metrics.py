@@ -73,7 +73,7 @@ class ServerCollector:
             ("argon_queue_depth", "Tasks waiting for a free process.", status["queued"]),
             ("argon_prefetched_tasks", "Tasks workers hold that have not started.", status.get("prefetched", 0)),
             ("argon_busy_processes", "Processes running a task.", status["busy"]),
-            ("argon_capacity_processes", "Processes available in all.", status["capacity"]),
+            ("argon_capacity_processes", "Processes in all (a draining worker's: if busy).", status["capacity"]),
             ("argon_workers_connected", "Workers registered (a worker counts itself).", len(status["workers"])),
             ("argon_clients_connected", "Clients connected.", status["clients"]),
         ):

@@ -256,7 +256,9 @@ def combine(views: list[tuple[str, dict[str, Any] | None, str]]) -> dict[str, An
         "up": up,
         "down": len(managers) - up,
         "workers": len(workers),
-        "capacity": sum(int(w.get("capacity", 0)) for w in workers.values() if not w.get("draining")),
+        "capacity": sum(
+            busy[key] if worker.get("draining") else int(worker.get("capacity", 0)) for key, worker in workers.items()
+        ),
         "busy": sum(busy.values()),
         **totals,
         "rate": round(rate, 1),

@@ -393,7 +393,14 @@ def test_a_draining_worker_gets_nothing_new_and_its_returned_tasks_go_elsewhere(
     leaving.hand_back_waiting()
     sim.settle()
     assert staying.running == [2, 3] and sim.status()["queued"] == 2
-    assert sim.status()["capacity"] == 2  # a draining worker's processes no longer count
+    status = sim.status()
+    # Of a draining worker's processes only the one still running a task counts: busy
+    # (2 here, 1 there) never exceeds capacity.
+    assert (status["capacity"], status["busy"]) == (3, 3)
+    leaving.finish()
+    sim.settle()
+    status = sim.status()
+    assert (status["capacity"], status["busy"]) == (2, 2)  # its process is free: it counts no more
 
 
 # -- steal-back ----------------------------------------------------------------------------------

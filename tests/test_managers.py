@@ -319,3 +319,15 @@ def test_a_task_refused_for_lack_of_workers_goes_to_a_manager_that_has_them(net)
         assert results == list(range(40))  # none failed with NoWorkers
     with Client(empty.address) as c:
         assert c.status()["completed"] == 0
+
+
+def test_network_status_counts_only_the_busy_processes_of_a_draining_worker():
+    """``argon status h1,h2``: busy never exceeds capacity while a shared worker drains."""
+    from argon.status import combine
+
+    def view(busy: int) -> dict:
+        return {"workers": [{"id": "w1", "capacity": 4, "busy": busy, "draining": True},
+                            {"id": "w2", "capacity": 2, "busy": 0, "draining": False}]}
+
+    network = combine([("m1:1", view(1), ""), ("m2:2", view(3), "")])
+    assert (network["capacity"], network["busy"]) == (5, 3)  # w1's 3 running processes, and w2's 2
