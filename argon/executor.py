@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import itertools
 import threading
 import time
@@ -38,6 +37,9 @@ from argon.errors import TaskTimeout
 
 if TYPE_CHECKING:
     from argon.local import LocalCluster
+
+#: How long :func:`wait_out` waits at a time (a lock wait cannot take an infinite timeout).
+_WAIT_STEP = 3600.0
 
 
 def chunk_runner(func: Callable[..., Any]) -> Callable[[list[tuple[Any, ...]]], list[Any]]:
@@ -63,17 +65,42 @@ def chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def start_local_network(processes: int | None, **options: Any) -> tuple[LocalCluster, Client]:
-    """Start an embedded local network (a manager and one worker) and a client for it."""
+def start_local_network(
+    processes: int | None,
+    *,
+    key_file: str | None = None,
+    max_requests: int | None = None,
+    client_options: dict[str, Any] | None = None,
+) -> tuple[LocalCluster, Client]:
+    """Start an embedded local network (a manager and one worker) and a client for it.
+
+    Args:
+        processes: The worker's processes (None: the CPUs).
+        key_file: The key every process and the client use (None: loopback only, no key).
+        max_requests: Replace a pool process after this many tasks (None: never).
+        client_options: Options of the :class:`~argon.client.Client` (``retries``, ``timeout``...).
+    """
     from argon.local import LocalCluster  # only executors without an address start one
 
-    cluster = LocalCluster(nodes=1, workers=processes, **options)
+    cluster = LocalCluster(nodes=1, workers=processes, key_file=key_file, max_requests=max_requests)
     cluster.start()
     try:
-        return cluster, cluster.client()
+        return cluster, cluster.client(**(client_options or {}))
     except BaseException:
         cluster.close()
         raise
+
+
+def wait_out(future: concurrent.futures.Future) -> None:  # type: ignore[type-arg]
+    """Wait until ``future`` is over, however long, whatever the client's default ``timeout``."""
+    while True:
+        try:
+            future.exception(timeout=_WAIT_STEP)
+            return
+        except (TaskTimeout, concurrent.futures.TimeoutError):
+            continue  # not over yet: wait again
+        except concurrent.futures.CancelledError:
+            return
 
 
 class Executor(concurrent.futures.Executor):
@@ -89,10 +116,12 @@ class Executor(concurrent.futures.Executor):
         time_limit: Seconds each task may run on its worker (None: no limit).
         client: Use this existing client instead (see ``Client.executor()``); it is not
             closed by :meth:`shutdown`.
-        options: More :class:`~argon.client.Client` options (``retries``, ``tls``...).
+        options: More :class:`~argon.client.Client` options (``retries``, ``timeout``,
+            ``tls``...), for the embedded network's client too.
 
     Raises:
-        ValueError: ``max_workers`` is below 1.
+        ValueError: ``max_workers`` is below 1, or ``key`` is given without an ``address``
+            (an embedded network takes ``key_file``).
     """
 
     def __init__(
@@ -119,7 +148,7 @@ class Executor(concurrent.futures.Executor):
         elif address is None:
             if key is not None:
                 raise ValueError("key= needs an address; an embedded network takes key_file=")
-            self._cluster, self.client = start_local_network(max_workers, key_file=key_file, **options)
+            self._cluster, self.client = start_local_network(max_workers, key_file=key_file, client_options=options)
         else:
             self.client = Client(address, key=key, key_file=key_file, **options)
 
@@ -191,10 +220,11 @@ class Executor(concurrent.futures.Executor):
         if cancel_futures and pending:
             self.client._cancel(pending, wait=wait)
         if wait:
-            for future in pending:
-                with contextlib.suppress(concurrent.futures.CancelledError):
-                    future.exception()
-            self._release()
+            try:
+                for future in pending:
+                    wait_out(future)
+            finally:
+                self._release()
         elif not pending:
             self._release()
         else:

@@ -249,7 +249,8 @@ class Pool:
         key_file: A key file, as for :class:`~argon.client.Client`.
 
     Raises:
-        ValueError: ``processes`` below 1, or ``maxtasksperchild`` with an ``address``.
+        ValueError: ``processes`` below 1, ``maxtasksperchild`` with an ``address``, or
+            ``key`` without one (an embedded network takes ``key_file``).
         TypeError: ``initializer`` is not callable.
     """
 
@@ -286,6 +287,8 @@ class Pool:
         self._lock = threading.Lock()
         self._cluster: LocalCluster | None = None
         if address is None:
+            if key is not None:
+                raise ValueError("key= needs an address; an embedded network takes key_file=")
             self._cluster, self._client = start_local_network(
                 processes, key_file=key_file, max_requests=maxtasksperchild
             )

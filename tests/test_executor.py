@@ -182,6 +182,29 @@ def test_shutdown_cancel_futures(address):
 
 
 @pytest.mark.timeout(60)
+def test_shutdown_waits_past_the_clients_timeout(address):
+    """``shutdown(wait=True)`` waits for every call, like the standard executors, and never raises."""
+    ex = argon.Executor(address, timeout=0.3)  # the client's default wait for a result
+    future = ex.submit(nap, 7, 1.0)
+    started = time.monotonic()
+    ex.shutdown(wait=True)
+    assert future.done() and future.result() == 7 and time.monotonic() - started > 0.5
+    assert ex.client._closed
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_without_waiting_releases_the_client_after_the_last_call(address):
+    ex = argon.Executor(address)
+    future = ex.submit(nap, 3, 1.0)
+    ex.shutdown(wait=False)
+    assert not future.done() and not ex.client._closed  # returned at once; the call goes on
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(pow, 2, 2)
+    assert future.result(timeout=30) == 3
+    wait_for(lambda: ex.client._closed, 10, what="the client to be released after the last call")
+
+
+@pytest.mark.timeout(60)
 def test_client_executor_leaves_the_client_open(address):
     with Client(address) as client:
         with client.executor() as ex:
@@ -193,12 +216,15 @@ def test_client_executor_leaves_the_client_open(address):
 def test_embedded_network_is_started_and_stopped():
     me = psutil.Process()
     before = {c.pid for c in me.children(recursive=True)}  # this module's shared network
-    with argon.Executor(max_workers=2) as ex:
+    with argon.Executor(max_workers=2, retries=3, timeout=0.5) as ex:  # the options are the client's
+        assert (ex.client.retries, ex.client.timeout) == (3, 0.5)
+        late = ex.submit(nap, 5, 1.5)  # outlives the client's timeout; shutdown still waits for it
         status = ex.client.status()
         assert status["capacity"] == 2
         assert list(ex.map(mul, range(20), range(20), chunksize=4)) == [i * i for i in range(20)]
         children = [c for c in me.children(recursive=True) if c.pid not in before]
         assert len(children) >= 4  # a manager, a worker and its two processes
+    assert late.result(0) == 5
     deadline = time.monotonic() + 15
     while any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children):
         assert time.monotonic() < deadline, "the embedded network outlived shutdown()"

@@ -157,6 +157,8 @@ def test_bad_input(pool):
         argon.Pool(address="127.0.0.1:1", initializer=3)
     with pytest.raises(ValueError, match="--max-requests"):
         argon.Pool(address="127.0.0.1:1", maxtasksperchild=2)
+    with pytest.raises(ValueError, match="key_file"):  # not ignored: the embedded network has no key=
+        argon.Pool(2, key=b"secret")
     with pytest.raises(Exception, match="generator"):
         pool.apply(sqr, ((i for i in range(2)),))
     assert pool.apply(sqr, (3,)) == 9  # nothing else disturbed
