@@ -41,7 +41,20 @@ from argon.connection import Connection
 from argon.errors import ConnectionLost, MessageTooLarge, NoWorkers, ProtocolError, TaskCancelled, WorkerLost
 from argon.flow import Routes
 from argon.history import Recorder
-from argon.protocol import Bye, Credit, Failure, Handback, Message, Reclaim, Register, Result, Stats, Task
+from argon.protocol import (
+    Bye,
+    Cancel,
+    Credit,
+    Failure,
+    Handback,
+    Message,
+    NotCancelled,
+    Reclaim,
+    Register,
+    Result,
+    Stats,
+    Task,
+)
 from argon.server import ClientLink, Histogram, Server, ServerConfig
 from argon.states import WorkerState
 from argon.worker_link import Ticket, WorkerLink
@@ -116,6 +129,10 @@ class Manager(Server):
             self._pump()
         elif isinstance(msg, Handback):
             self._handback(link, msg)
+        elif isinstance(msg, NotCancelled):
+            ticket = link.inflight.get(msg.id)
+            if ticket is not None and ticket.cancelling:
+                self._cancelled(ticket, dropped=False)
         elif isinstance(msg, Stats):
             link.report(msg)
         elif isinstance(msg, Bye):
@@ -179,7 +196,11 @@ class Manager(Server):
         # still waiting in its prefetch. They never ran, so this send does not count.
         for ticket in tickets[link.capacity :]:
             ticket.attempts -= 1
+            if ticket.cancelling:
+                self._cancelled(ticket, dropped=True)
         for ticket in reversed(tickets):
+            if ticket.cancelling:  # it may have started there: it runs again elsewhere
+                self._cancelled(ticket, dropped=False)
             if not ticket.wanted():
                 continue
             if ticket.attempts >= defaults.MAX_ATTEMPTS:
@@ -333,6 +354,9 @@ class Manager(Server):
             raise ProtocolError(f"worker {link.id} hands back tasks it does not hold: {msg.ids!r:.60}")
         back = [held.pop(task_id) for task_id in msg.ids]
         self._routes.update(link)
+        for ticket in [ticket for ticket in back if ticket.cancelling]:
+            self._cancelled(ticket, dropped=True)  # it never ran, and its client wants it no more
+            back.remove(ticket)
         if back:
             log.debug("worker %s handed back %d tasks (%s)", link.id, len(back), msg.reason)
             self.handed_back += len(back)
@@ -362,14 +386,40 @@ class Manager(Server):
         ticket.client.reply(Result(task_id, msg.value) if type(msg) is Result else msg._replace(id=task_id))
         self._pump()
 
-    def cancel(self, client: ClientLink, task_id: int) -> bool:
-        """Drop a queued task (one a worker holds finishes normally)."""
+    def cancel(self, client: ClientLink, task_id: int) -> bool | None:
+        """Drop a queued task at once; ask the worker holding one to drop it if it has not started.
+
+        Returns:
+            True if it was queued (and is dropped); False if it is unknown; None if its
+            worker was asked (its :class:`~argon.protocol.Handback` or
+            :class:`~argon.protocol.NotCancelled` answers the client).
+        """
         ticket = client.tasks.get(task_id)
-        if ticket is None or ticket.worker is not None:
+        if ticket is None:
             return False
-        self._pending.remove(ticket)
-        client.reply(Failure(task_id, TaskCancelled.__name__, "task cancelled before it started"))
-        return True
+        link = ticket.worker
+        if link is None:
+            self._pending.remove(ticket)
+            client.reply(Failure(task_id, TaskCancelled.__name__, "task cancelled before it started"))
+            return True
+        if not ticket.cancelling:
+            try:
+                link.conn.send(Cancel(ticket.id))
+            except ConnectionLost:
+                return False  # the link is closing: its tasks go back to the queue or fail
+            ticket.cancelling = True
+        return None
+
+    def _cancelled(self, ticket: Ticket, dropped: bool) -> None:
+        """Answer a client that asked to cancel ``ticket``: dropped, or too late."""
+        ticket.cancelling = False
+        if not ticket.wanted():
+            return
+        if dropped:
+            ticket.client.reply(Failure(ticket.task.id, TaskCancelled.__name__, "task cancelled before it started"))
+        else:
+            with contextlib.suppress(ConnectionLost):
+                ticket.client.conn.send(NotCancelled(ticket.task.id))
 
     def client_gone(self, client: ClientLink) -> None:
         """Forget the departed client's queued tasks; those workers hold finish unseen."""

@@ -194,7 +194,7 @@ class Stats(NamedTuple):
 
 
 class Cancel(NamedTuple):
-    """Client to server: drop task ``id`` if it has not started yet."""
+    """Client to server, or manager to the worker holding the task: drop task ``id`` if it has not started yet."""
 
     id: int
 
@@ -215,7 +215,7 @@ class Bye(NamedTuple):
 
 
 class NotCancelled(NamedTuple):
-    """Server to client: task ``id`` could not be dropped (it has started, or is unknown)."""
+    """Answer to :class:`Cancel`: task ``id`` could not be dropped (it has started, or is unknown)."""
 
     id: int
 
@@ -225,7 +225,7 @@ class Handback(NamedTuple):
 
     Sent when the manager asks for them back (:class:`Reclaim`; possibly with no ids: all
     had started), unasked when the worker sees its waiting tasks would wait behind long
-    ones, and when it drains.
+    ones, when it drains, and for the one task a :class:`Cancel` from the manager dropped.
 
     Attributes:
         ids: The manager's ids of the tasks, none of which has started, oldest first.

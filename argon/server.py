@@ -309,7 +309,7 @@ class Server:
         elif isinstance(msg, StatusRequest):
             client.conn.send(StatusReply(msg.id, self.status()))
         elif isinstance(msg, Cancel):
-            if not self.cancel(client, msg.id):
+            if self.cancel(client, msg.id) is False:  # None: the answer comes later
                 client.conn.send(NotCancelled(msg.id))
         elif isinstance(msg, Bye):
             client.conn.close("client said goodbye")
@@ -325,11 +325,12 @@ class Server:
         """Accept, queue or reject a task from a client."""
         raise NotImplementedError
 
-    def cancel(self, client: ClientLink, task_id: int) -> bool:
+    def cancel(self, client: ClientLink, task_id: int) -> bool | None:
         """Drop a client's task if it has not started (it then fails with ``TaskCancelled``).
 
         Returns:
-            True if the task was dropped; False if it has started or is unknown.
+            True if the task was dropped; False if it has started or is unknown; None if
+            the answer comes later (the client gets ``TaskCancelled`` or ``NotCancelled``).
         """
         raise NotImplementedError
 

@@ -40,7 +40,20 @@ from argon.handshake import connect
 from argon.manager_link import ManagerLink
 from argon.pool import Pool
 from argon.process import Job, Reply
-from argon.protocol import Bye, Credit, Handback, Message, Reclaim, Register, Stats, StatusReply, StatusRequest, Task
+from argon.protocol import (
+    Bye,
+    Cancel,
+    Credit,
+    Handback,
+    Message,
+    NotCancelled,
+    Reclaim,
+    Register,
+    Stats,
+    StatusReply,
+    StatusRequest,
+    Task,
+)
 from argon.server import Server
 from argon.states import LinkState
 from argon.status import WorkerStats, reachable_dashboard
@@ -227,6 +240,13 @@ class Uplink:
             self._hand_back(link, [job.task.id for job in jobs], "reclaimed")
             if jobs:
                 self._offer()
+        elif isinstance(msg, Cancel):  # its client wants it no more: drop it unless it has started
+            if self.pool.cancel(lambda job: job.tag == session and job.task.id == msg.id, 1):
+                log.debug("task %d cancelled by manager %s before it started", msg.id, conn.peer)
+                conn.send(Handback([msg.id], "cancelled"))
+                self._offer()
+            else:
+                conn.send(NotCancelled(msg.id))
         elif isinstance(msg, StatusRequest):
             conn.send(StatusReply(msg.id, self.worker.status()))
         elif isinstance(msg, Bye):

@@ -24,7 +24,7 @@ from argon.status import DASHBOARD_URL, WorkerRow, WorkerStats
 class Ticket:
     """A client's task while the manager holds it (queued, or held by a worker)."""
 
-    __slots__ = ("arrived", "attempts", "client", "id", "sent", "task", "worker")
+    __slots__ = ("arrived", "attempts", "cancelling", "client", "id", "sent", "task", "worker")
 
     def __init__(self, ticket_id: int, client: ClientLink, task: Task, arrived: float) -> None:
         self.id = ticket_id
@@ -34,6 +34,7 @@ class Ticket:
         self.worker: WorkerLink | None = None
         self.arrived = arrived
         self.sent = 0.0  # when it last left the queue for a worker
+        self.cancelling = False  # its client asked to cancel it; the worker holding it was asked
 
     def __repr__(self) -> str:
         where = f"at {self.worker.id}" if self.worker is not None else "queued"

@@ -31,10 +31,12 @@ from argon.manager import Manager
 from argon.protocol import (
     VERSION,
     Bye,
+    Cancel,
     Credit,
     Failure,
     Handback,
     Hello,
+    NotCancelled,
     Ping,
     Reclaim,
     Register,
@@ -115,6 +117,12 @@ class SimWorker:
             elif type(msg) is Reclaim:
                 back = [self.waiting.pop() for _ in range(min(msg.limit, len(self.waiting)))][::-1]
                 self.manager.worker_message(self.link, Handback(back, "reclaimed"))
+            elif type(msg) is Cancel:  # dropped only if it has not started
+                if msg.id in self.waiting:
+                    self.waiting.remove(msg.id)
+                    self.manager.worker_message(self.link, Handback([msg.id], "cancelled"))
+                else:
+                    self.manager.worker_message(self.link, NotCancelled(msg.id))
         self._start()
         return len(msgs)
 
@@ -499,15 +507,45 @@ def test_a_returned_task_whose_client_left_is_forgotten():
     assert sim.status()["queued"] == 0 and a.running == [1]
 
 
-def test_cancel_removes_a_queued_task_but_not_one_a_worker_holds():
+def test_cancel_drops_a_queued_or_prefetched_task_but_not_a_running_one():
     sim = Sim()
-    sim.worker(1)
+    worker = sim.worker(1, prefetch=2)  # holds 3: one running, two waiting behind it
+    sim.submit(4)
+    sim.settle()
+    client, conn = sim.clients[0]
+    assert len(worker.running) == 1 and len(worker.waiting) == 2 and sim.status()["queued"] == 1
+    assert sim.manager.cancel(client, 4) is True  # queued in the manager: dropped at once
+    assert sim.manager.cancel(client, 2) is None  # prefetched: the worker is asked
+    assert sim.manager.cancel(client, 1) is None  # running: the worker is asked too
+    assert sim.manager.cancel(client, 99) is False  # unknown
+    sim.settle()
+    cancelled = [(m.id, m.error) for m in sim.replies() if type(m) is Failure]
+    assert cancelled == [(4, "TaskCancelled"), (2, "TaskCancelled")]
+    assert [m.id for m in conn.sent if type(m) is NotCancelled] == [1]
+    assert len(worker.waiting) == 1 and sim.status()["handed_back"] == 0  # dropped, not sent elsewhere
+    worker.finish()
+    sim.settle()
+    worker.finish()
+    assert sorted(m.id for m in sim.replies() if type(m) is Result) == [1, 3]
+    assert len(worker.started) == 2  # the cancelled tasks never ran
+
+
+def test_cancel_answered_by_a_worker_that_is_lost_first():
+    sim = Sim()
+    lost = sim.worker(1, prefetch=1)  # task 1 running, task 2 waiting behind it
     sim.submit(2)
     sim.settle()
-    client, _ = sim.clients[0]
-    sim.manager.cancel(client, 1)
-    sim.manager.cancel(client, 2)
+    client, conn = sim.clients[0]
+    assert sim.manager.cancel(client, 1) is None and sim.manager.cancel(client, 2) is None
+    lost.conn.drain()  # the Cancels never arrive: the worker is lost
+    lost.lose()
+    # Task 2 never started: cancelled. Task 1 may have: too late to cancel, it runs again.
     assert [(m.id, m.error) for m in sim.replies() if type(m) is Failure] == [(2, "TaskCancelled")]
+    assert [m.id for m in conn.sent if type(m) is NotCancelled] == [1]
+    other = sim.worker(1)
+    sim.settle()
+    other.finish()
+    assert [m.id for m in sim.replies() if type(m) is Result] == [1]
 
 
 def test_latency_is_measured_with_the_injected_clock():

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from argon import TaskCancelled
+
 from conftest import wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -90,5 +92,26 @@ def test_four_long_and_200_short_tasks_on_two_workers_no_short_task_waits_long(n
     assert max(waits) < 2.5, f"a short task waited {max(waits):.2f}s to start"
     assert [d(timeout=30) for d in longs] == [3.0, 1.0, 3.0, 1.0]
     _ran_once(tmp_path / "ran", list(range(200)))
+    status = client.status()
+    assert status["busy"] == 0 and status["prefetched"] == 0 and status["queued"] == 0
+
+
+def test_cancelled_tasks_never_run_and_the_others_run_once(net, tmp_path):
+    """Cancel races with prefetch: each task is either dropped unstarted or runs exactly once."""
+    _, _, client = net.cluster(workers=1, processes=1)
+    _warm_up(client, 1)
+    short, _ = _tasks(tmp_path / "ran")
+    shorts = _run_shorts(client, short, tmp_path / "ran", 60, 0.01)
+    verdicts = [deferred.cancel() for _, _, deferred in reversed(shorts)][::-1]
+    ran = []
+    for (i, _, deferred), cancelled in zip(shorts, verdicts, strict=True):
+        if cancelled:
+            with pytest.raises(TaskCancelled):
+                deferred(timeout=30)
+        else:
+            deferred(timeout=30)
+            ran.append(i)
+    assert any(verdicts) and ran, "some were cancelled, some had started"
+    _ran_once(tmp_path / "ran", ran)
     status = client.status()
     assert status["busy"] == 0 and status["prefetched"] == 0 and status["queued"] == 0

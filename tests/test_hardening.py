@@ -38,10 +38,12 @@ from argon.manager import Manager
 from argon.protocol import (
     VERSION,
     Bye,
+    Cancel,
     Credit,
     Failure,
     Handback,
     Hello,
+    NotCancelled,
     Ping,
     Register,
     Result,
@@ -51,7 +53,7 @@ from argon.protocol import (
     encode,
 )
 from argon.security import server_handshake
-from argon.serialize import dumps, dumps_function
+from argon.serialize import FunctionCache, dumps, dumps_function
 from argon.server import ServerConfig
 from argon.status import render
 from argon.worker import Worker, WorkerConfig
@@ -501,42 +503,72 @@ def test_a_task_that_reaches_a_draining_worker_is_handed_back_and_runs_elsewhere
     assert real.alive()
 
 
-def test_a_draining_worker_hands_back_a_task_that_crossed_its_goodbye(net):
-    inbox = gevent.queue.Queue()
-    links = []
+class FakeManager:
+    """A manager's side of one worker's link, driven by hand: what the worker sends, in order."""
 
-    def fake_manager(sock, address):
+    def __init__(self) -> None:
+        self.inbox: gevent.queue.Queue = gevent.queue.Queue()
+        self.links: list[Connection] = []
+        self.server = StreamServer(("127.0.0.1", 0), self._serve)
+        self.server.start()
+        self.address = f"127.0.0.1:{self.server.server_port}"
+
+    def _serve(self, sock, address) -> None:
         conn = handshake.accept(sock, address, role="manager", name="fake", key=None, allowed=True)
-        links.append(conn)
+        self.links.append(conn)
         with contextlib.suppress(OSError):
             while True:
-                inbox.put(conn.recv_message())
-        inbox.put(None)  # end of stream
+                self.inbox.put(conn.recv_message())
+        self.inbox.put(None)  # end of stream
 
-    server = StreamServer(("127.0.0.1", 0), fake_manager)
-    server.start()
-    try:
-        worker = net.worker(None, "--manager", f"127.0.0.1:{server.server_port}", processes=1)
+    def next_of(self, kind):
+        """The next message of this kind from the worker (those before it are skipped)."""
+        with gevent.Timeout(10, AssertionError(f"no {kind.__name__} from the worker")):
+            while not isinstance(msg := self.inbox.get(), kind):
+                assert msg is not None, "the worker closed the link early"
+            return msg
 
-        def next_of(kind):
-            with gevent.Timeout(10, AssertionError(f"no {kind.__name__} from the worker")):
-                while not isinstance(msg := inbox.get(), kind):
-                    assert msg is not None, "the worker closed the link early"
-                return msg
 
-        next_of(Register)
-        worker.signal(signal.SIGTERM)
-        next_of(Bye)
-        links[0].send_now(Task(77, b"never run", b"never run"))  # routed "in the same moment"
-        assert next_of(Handback).ids == [77]
-        links[0].send_now(Bye("routes nothing more"))  # what a manager answers to a goodbye
-        with gevent.Timeout(10, AssertionError("the worker did not close its link")):
-            while (msg := inbox.get()) is not None:
-                assert not isinstance(msg, (Result, Failure)), msg
-        assert worker.wait(10) == 0
-        assert "handing 1 unstarted tasks back" in worker.log()
-    finally:
-        server.stop()
+@pytest.fixture
+def fake_manager():
+    fake = FakeManager()
+    yield fake
+    fake.server.stop()
+
+
+def test_a_draining_worker_hands_back_a_task_that_crossed_its_goodbye(net, fake_manager):
+    worker = net.worker(None, "--manager", fake_manager.address, processes=1)
+    fake_manager.next_of(Register)
+    worker.signal(signal.SIGTERM)
+    fake_manager.next_of(Bye)
+    link = fake_manager.links[0]
+    link.send_now(Task(77, b"never run", b"never run"))  # routed "in the same moment"
+    assert fake_manager.next_of(Handback).ids == [77]
+    link.send_now(Bye("routes nothing more"))  # what a manager answers to a goodbye
+    with gevent.Timeout(10, AssertionError("the worker did not close its link")):
+        while (msg := fake_manager.inbox.get()) is not None:
+            assert not isinstance(msg, (Result, Failure)), msg
+    assert worker.wait(10) == 0
+    assert "handing 1 unstarted tasks back" in worker.log()
+
+
+def test_a_worker_drops_a_cancelled_task_only_if_it_has_not_started(net, fake_manager):
+    net.worker(None, "--manager", fake_manager.address, processes=1)
+    fake_manager.next_of(Register)
+    link = fake_manager.links[0]
+    nap = FunctionCache().dumps(time.sleep)
+    link.send_now(Task(1, nap, dumps(((1.0,), None))))  # takes the only process
+    link.send_now(Task(2, nap, dumps(((0.0,), None))))  # waits behind it
+    link.send_now(Cancel(2))
+    assert fake_manager.next_of(Handback) == Handback([2], "cancelled")
+    link.send_now(Cancel(1))
+    assert fake_manager.next_of(NotCancelled) == NotCancelled(1)  # it has started: it runs to the end
+    link.send_now(Cancel(5))
+    assert fake_manager.next_of(NotCancelled) == NotCancelled(5)  # unknown
+    assert fake_manager.next_of(Result).id == 1
+    with contextlib.suppress(gevent.Timeout), gevent.Timeout(1.5):
+        while (msg := fake_manager.inbox.get()) is not None:
+            assert not (isinstance(msg, (Result, Failure)) and msg.id == 2), "the cancelled task ran"
 
 
 @pytest.mark.timeout(60)
