@@ -61,7 +61,9 @@ class ArgonBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc
     supports_return_generator = True
     supports_sharedmem = False
     uses_threads = False
-    default_n_jobs = 1
+    #: ``Parallel()`` without ``n_jobs`` uses the whole network, as joblib's Dask backend does
+    #: (with 1, joblib would run every call in the calling process).
+    default_n_jobs = -1
 
     def __init__(
         self,
@@ -90,7 +92,9 @@ class ArgonBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc
         with self._lock:
             if self._client is None:
                 if self.address is None:
-                    cluster, client = start_local_network(self._processes, key_file=self._key_file)
+                    cluster, client = start_local_network(
+                        self._processes, key_file=self._key_file, client_options=self._options
+                    )
                     weakref.finalize(self, _stop, client, cluster)
                 else:
                     client = Client(self.address, key=self._key, key_file=self._key_file, **self._options)
@@ -107,7 +111,7 @@ class ArgonBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if n_jobs is None:
-            return 1
+            n_jobs = self.default_n_jobs
         if n_jobs < 0:
             capacity = int(self.client().status().get("capacity") or 1)
             return max(capacity + 1 + n_jobs, 1)

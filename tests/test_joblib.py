@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import psutil
@@ -26,10 +27,15 @@ def _tasks():
         _time.sleep(0.01)
         return x
 
-    return sqr, fail_at
+    def getpid_of(x):
+        import os as _os
+
+        return x, _os.getpid()
+
+    return sqr, fail_at, getpid_of
 
 
-sqr, fail_at = _tasks()
+sqr, fail_at, getpid_of = _tasks()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,6 +66,7 @@ def test_n_jobs_means_network_capacity(address):
         assert backend.effective_n_jobs(-1) == 2  # one worker of two processes
         assert backend.effective_n_jobs(-2) == 1
         assert backend.effective_n_jobs(3) == 3
+        assert backend.effective_n_jobs(None) == 2  # the default: the whole network
         with pytest.raises(ValueError):
             backend.effective_n_jobs(0)
         backend.client().close()
@@ -92,10 +99,14 @@ def test_scikit_learn_cross_val_score(address):
 def test_embedded_network_when_no_address():
     me = psutil.Process()
     before = {c.pid for c in me.children(recursive=True)}
-    with joblib.parallel_config(backend="argon", processes=2):
-        out = joblib.Parallel(n_jobs=-1)(joblib.delayed(sqr)(i) for i in range(50))
+    with joblib.parallel_config(backend="argon", processes=2, retries=3):
+        parallel = joblib.Parallel()  # no n_jobs: the whole network, not the calling process
+        out = parallel(joblib.delayed(getpid_of)(i) for i in range(50))
         assert len([c for c in me.children(recursive=True) if c.pid not in before]) >= 4
-    assert out == [i * i for i in range(50)]
+        assert parallel._backend.client().retries == 3  # the client options reach the embedded network's client
+        del parallel  # (it holds the backend, whose end stops the network)
+    assert [value for value, _ in out] == list(range(50))
+    assert os.getpid() not in {pid for _, pid in out}
     deadline = time.monotonic() + 30
     while [c for c in me.children(recursive=True) if c.pid not in before and c.status() != psutil.STATUS_ZOMBIE]:
         assert time.monotonic() < deadline, "the embedded network outlived its backend"
