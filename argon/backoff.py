@@ -124,21 +124,6 @@ class Backoff:
         )
 
     @classmethod
-    def retry(
-        cls, retries: int, *, clock: Callable[[], float] = time.monotonic, rng: Callable[[], float] = random.random
-    ) -> Backoff:
-        """Delays between re-sends of a task the server rejected (queue full), at most ``retries``."""
-        return cls(
-            defaults.RETRY_DELAY,
-            defaults.RETRY_BACKOFF,
-            defaults.RETRY_MAX_DELAY,
-            jitter=defaults.RETRY_JITTER,
-            attempts=retries,
-            clock=clock,
-            rng=rng,
-        )
-
-    @classmethod
     def pool_start(
         cls, *, clock: Callable[[], float] = time.monotonic, rng: Callable[[], float] = random.random
     ) -> Backoff:

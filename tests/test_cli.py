@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from argon import __version__
+from argon import Client, __version__
 
-from conftest import ARGON, child_env
+from conftest import ARGON, child_env, wait_for
 
 CONTRACT_OPTIONS = ["--host", "--port", "--queue-size", "--key", "--manager", "--workers", "--max-requests",
                     "-v", "--verbose", "--debug", "--help", "--version", "--insecure", "--grace", "--heartbeat"]
@@ -36,6 +36,37 @@ def test_version():
     result = argon("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"argon {__version__}"
+
+
+def test_the_console_script_runs_the_same_command():
+    """``pip install`` makes ``argon`` call ``argon.cli:run``, which is ``bin/argon``'s ``main``."""
+    setup = (ARGON.parent.parent / "setup.py").read_text()
+    assert '"argon = argon.cli:run"' in setup
+    code = "import sys; sys.argv = ['argon', '--version']; from argon.cli import run; run()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=30)
+    assert result.returncode == 0 and result.stdout.strip() == f"argon {__version__}"
+
+
+def test_debug_logs_everything_and_no_flag_only_warnings(net):
+    debug = net.manager("--debug")  # (the tests add --verbose to every server)
+    net.client(debug).status()
+    wait_for(lambda: re.search(r" DEBUG argon\.server\[\d+\]: client \S+ connected", debug.log()), 5,
+             what="a debug line")
+    quiet = subprocess.Popen([sys.executable, str(ARGON), "manager", "--port", "0"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=child_env(), start_new_session=True)
+    try:
+        line = ""
+        while "ARGON READY" not in line:
+            line = quiet.stdout.readline()
+            assert line, "the manager exited"
+        host, port = re.search(r"ARGON READY \w+ (\S+):(\d+)", line).groups()
+        with Client(host, int(port)) as client:
+            client.status()
+    finally:
+        quiet.terminate()
+        _, errors = quiet.communicate(timeout=30)
+    assert quiet.returncode == 0
+    assert " INFO " not in errors and " DEBUG " not in errors, errors
 
 
 @pytest.mark.parametrize("args, message", [

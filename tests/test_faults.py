@@ -193,11 +193,12 @@ def test_task_that_keeps_killing_workers_fails_with_worker_lost(net):
     assert client.status()["redelivered"] == 2
 
 
-def test_sigterm_drains_a_worker(net):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_drains_a_worker(net, signum):
     manager, (leaving, staying), client = net.cluster(workers=2, processes=2)
     deferreds = [client.defer(slow_echo, [i, 0.8]) for i in range(4)]
     wait_for(lambda: _busy(client, leaving.port) == 2, what="the worker to be busy")
-    leaving.signal(signal.SIGTERM)
+    leaving.signal(signum)
     assert [d(timeout=60) for d in deferreds] == list(range(4))
     assert leaving.wait(30) == 0
     status = client.status()
@@ -245,11 +246,12 @@ def test_grace_period_bounds_the_drain(net):
     assert not deferred.done()
 
 
-def test_sigterm_stops_a_manager_after_its_tasks(net):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_stops_a_manager_after_its_tasks(net, signum):
     manager, (worker,), client = net.cluster(processes=2)
     deferreds = [client.defer(slow_echo, [i, 0.5]) for i in range(2)]
     wait_for(lambda: client.status()["busy"] == 2, what="tasks to start")
-    manager.signal(signal.SIGTERM)
+    manager.signal(signum)
     assert [d(timeout=30) for d in deferreds] == [0, 1]
     assert manager.wait(30) == 0
     wait_for(lambda: "shutting down" in worker.log() or "lost manager" in worker.log(), what="the worker to notice")

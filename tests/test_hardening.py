@@ -188,6 +188,15 @@ def test_a_python_version_mismatch_is_refused_naming_both_versions(net, monkeypa
     wait_for(lambda: "runs Python 3.99.1" in manager.log(), 5, what="the refusal to be logged")
 
 
+def test_a_peer_on_another_patch_release_of_the_same_python_is_accepted(net, monkeypatch):
+    manager, _, _ = net.cluster()
+    major, minor, micro = sys.version_info[:3]
+    monkeypatch.setattr(handshake, "PYTHON", f"{major}.{minor}.{micro + 1}")  # what this client announces
+    with Client(manager.host, manager.port, retries=0) as other:
+        assert other.queue(lambda: "same major.minor") == "same major.minor"
+    assert "runs Python" not in manager.log()
+
+
 def test_a_client_refuses_a_server_of_another_python_or_protocol():
     mine = ".".join(map(str, sys.version_info[:3]))
     other_python = _fake_server(lambda conn: conn.send_now(Hello(VERSION, "manager", "old", "0.1.0", "2.7.18")))

@@ -15,7 +15,7 @@ from argon import ProtocolError, RemoteError, TaskRejected
 from argon.errors import RemoteTraceback
 from argon.pool import default_size
 
-from conftest import child_env
+from conftest import child_env, wait_for
 
 
 def test_queue_canonical_example(net):
@@ -241,6 +241,21 @@ def test_queue_size_rejects_without_retries(net):
         rejected()
     assert running() is None and queued() is None
     assert client.status()["rejected"] == 1
+
+
+def test_a_stand_alone_worker_bounds_its_queue_and_the_client_gives_up_after_its_retries(net):
+    worker = net.worker(None, "--queue-size", "1", processes=1)
+    client = net.client(worker, retries=2)
+    running = client.defer(time.sleep, [3.0])
+    queued = client.defer(time.sleep, [0.01])
+    wait_for(lambda: client.status()["queued"] == 1, what="the second task to wait for the process")
+    started = time.monotonic()
+    rejected = client.defer(time.sleep, [0.01])
+    with pytest.raises(TaskRejected, match="queue is full"):
+        rejected(timeout=30)
+    assert rejected.tries == 3 and client.status()["rejected"] == 3  # the first send and two retries
+    assert 0.05 < time.monotonic() - started < 2.5  # two short, growing delays (0.06 s, then about 0.1 s)
+    assert running(timeout=30) is None and queued(timeout=30) is None
 
 
 def test_queue_size_rejections_are_retried_transparently(net):

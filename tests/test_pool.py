@@ -549,8 +549,6 @@ def test_backoff_presets_take_their_constants_from_defaults():
     reconnect = Backoff.reconnect(rng=lambda: 0.5)
     delays = [reconnect.next_delay() for _ in range(20)]
     assert delays[0] == defaults.RECONNECT_DELAY and max(delays) == defaults.RECONNECT_MAX_DELAY
-    retry = Backoff.retry(3, rng=lambda: 0.5)
-    assert [retry.next_delay() for _ in range(4)][-1] is None
     pool_start = Backoff.pool_start(rng=lambda: 0.5)
     assert sum(1 for _ in iter(pool_start.next_delay, None)) == defaults.POOL_START_ATTEMPTS
 

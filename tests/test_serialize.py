@@ -427,6 +427,21 @@ def test_unrebuildable_exception_becomes_remote_error():
     assert isinstance(exc.__cause__, RemoteTraceback)
 
 
+def test_every_error_is_an_argon_error_and_the_standard_one_it_stands_for():
+    import concurrent.futures
+
+    import argon
+
+    names = ["TaskRejected", "RemoteError", "ProcessDied", "WorkerLost", "ConnectionLost", "AuthenticationError",
+             "ProtocolError", "TaskTimeout", "NoWorkers", "ServerBusy", "ShuttingDown", "TaskCancelled"]
+    for name in names:
+        assert issubclass(getattr(argon, name), argon.ArgonError), name
+    assert issubclass(argon.ServerBusy, argon.ConnectionLost) and issubclass(argon.ShuttingDown, argon.ConnectionLost)
+    assert issubclass(argon.TaskTimeout, TimeoutError)
+    assert issubclass(argon.TaskCancelled, concurrent.futures.CancelledError)
+    assert not issubclass(argon.ServerBusy, argon.AuthenticationError)
+
+
 def test_unloadable_payload_becomes_remote_error():
     exc = loads_exception(b"not a pickle", "somewhere.Missing: gone", "Traceback ...")
     assert type(exc) is RemoteError
