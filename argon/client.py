@@ -114,7 +114,7 @@ class Client:
     Args:
         host: The server: a host name (with ``port``), ``"host:port"``,
             ``"h1:p1,h2:p2"`` or a list of such strings (several managers).
-        port: Server port, for a ``host`` without one.
+        port: Server port, for a ``host`` without one (default 8000, the manager's).
         key: The shared key (hex text or bytes), or None.
         key_file: A file holding the key (see ``argon keygen``), instead of ``key``.
         retries: Times to re-send a rejected task before raising ``TaskRejected``.
@@ -139,7 +139,7 @@ class Client:
     def __init__(
         self,
         host: str | Sequence[str] = defaults.HOST,
-        port: int | None = None,
+        port: int | None = defaults.MANAGER_PORT,
         key: bytes | str | None = None,
         key_file: str | os.PathLike[str] | None = None,
         retries: int = defaults.RETRIES,

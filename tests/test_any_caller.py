@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 import signal
 import subprocess
@@ -254,6 +255,10 @@ def test_client_address_forms(shared_address):
     assert parse_addresses("h", 7) == [("h", 7)]
     with pytest.raises(ValueError):
         parse_addresses("a:x")
+    # The contract's signature: Client(host="127.0.0.1", port=8000, key=None, key_file=None, retries=10)
+    params = list(inspect.signature(Client).parameters.values())[:5]
+    assert [(p.name, p.default) for p in params] == [
+        ("host", "127.0.0.1"), ("port", 8000), ("key", None), ("key_file", None), ("retries", 10)]
 
 
 @pytest.mark.timeout(90)
