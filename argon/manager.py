@@ -354,9 +354,10 @@ class Manager(Server):
             raise ProtocolError(f"worker {link.id} hands back tasks it does not hold: {msg.ids!r:.60}")
         back = [held.pop(task_id) for task_id in msg.ids]
         self._routes.update(link)
-        for ticket in [ticket for ticket in back if ticket.cancelling]:
+        cancelled = [ticket for ticket in back if ticket.cancelling]
+        back = [ticket for ticket in back if not ticket.cancelling]
+        for ticket in cancelled:
             self._cancelled(ticket, dropped=True)  # it never ran, and its client wants it no more
-            back.remove(ticket)
         if back:
             log.debug("worker %s handed back %d tasks (%s)", link.id, len(back), msg.reason)
             self.handed_back += len(back)
@@ -400,7 +401,7 @@ class Manager(Server):
         link = ticket.worker
         if link is None:
             self._pending.remove(ticket)
-            client.reply(Failure(task_id, TaskCancelled.__name__, "task cancelled before it started"))
+            self._cancelled(ticket, dropped=True)
             return True
         if not ticket.cancelling:
             try:
