@@ -290,7 +290,6 @@ class Manager(Server):
         client.tasks[task.id] = ticket
         self._pending.append(ticket)
         self._pump()
-        self._arm_worker_wait()
 
     def _pump(self) -> None:
         """Send queued tasks to workers while there are both; then take back what waits needlessly."""
@@ -298,6 +297,7 @@ class Manager(Server):
         while pending:
             link = routes.take()
             if link is None:
+                self._arm_worker_wait()  # tasks wait: they fail if no worker comes within --worker-wait
                 return
             ticket = pending.popleft()
             ticket.attempts += 1

@@ -156,9 +156,10 @@ class SimWorker:
 class Sim:
     """A manager, its simulated workers and clients."""
 
-    def __init__(self, queue_size: int | None = None, latency: Any = None) -> None:
+    def __init__(self, queue_size: int | None = None, latency: Any = None, worker_wait: float = 60.0) -> None:
         self.clock = Clock()
-        self.manager = Manager(ServerConfig(queue_size=queue_size), clock=self.clock, latency=latency)
+        config = ServerConfig(queue_size=queue_size, worker_wait=worker_wait)
+        self.manager = Manager(config, clock=self.clock, latency=latency)
         self.workers: list[SimWorker] = []
         self.clients: list[tuple[ClientLink, Link]] = []
         self.next_id = 0
@@ -528,6 +529,24 @@ def test_cancel_drops_a_queued_or_prefetched_task_but_not_a_running_one():
     worker.finish()
     assert sorted(m.id for m in sim.replies() if type(m) is Result) == [1, 3]
     assert len(worker.started) == 2  # the cancelled tasks never ran
+
+
+@pytest.mark.parametrize("how", ["lost", "drained"])
+def test_tasks_a_last_worker_gives_back_fail_with_no_workers_after_the_worker_wait(how):
+    sim = Sim(worker_wait=0.05)
+    worker = sim.worker(1, prefetch=1)  # one task running, one waiting behind it
+    sim.submit(2)
+    sim.settle()
+    assert sim.status()["queued"] == 0
+    if how == "lost":
+        worker.lose()  # both go back to the queue, with no worker left
+    else:
+        sim.manager.worker_message(worker.link, Bye("draining"))
+        worker.hand_back_waiting()
+    sim.clock.now += 1.0  # --worker-wait has passed by the manager's clock
+    gevent.sleep(0.2)  # (its timer counts real seconds: 0.05)
+    failed = [m.id for m in sim.replies() if type(m) is Failure and m.error == "NoWorkers"]
+    assert failed == ([1, 2] if how == "lost" else [2]) and sim.status()["queued"] == 0
 
 
 def test_cancel_answered_by_a_worker_that_is_lost_first():

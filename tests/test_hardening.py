@@ -481,13 +481,17 @@ def test_tasks_fail_with_no_workers_after_the_worker_wait(net):
     assert client.queue(lambda: "served") == "served"
     assert client.status()["no_workers_for"] is None
     assert "no worker for" not in render(client.status())
-    worker.kill()  # the only worker is gone: queued tasks wait --worker-wait again, then fail
+    running = client.defer(time.sleep, [30])
+    wait_for(lambda: client.status()["busy"] == 1, what="the task to start")
+    worker.kill()  # the only worker is gone: its task and new ones wait --worker-wait again, then fail
     wait_for(lambda: client.status()["workers"] == [], what="the worker to be dropped")
     started = time.monotonic()
     with pytest.raises(NoWorkers):
         client.queue(lambda: "never")
     assert 0.5 <= time.monotonic() - started < 10
-    wait_for(lambda: "failed 1 queued tasks: manager" in manager.log(), 5, what="the failure to be logged")
+    with pytest.raises(NoWorkers):  # the task the lost worker was running went back to the queue
+        running(timeout=10)
+    wait_for(lambda: "failed 2 queued tasks: manager" in manager.log(), 5, what="the failure to be logged")
 
 
 def test_a_task_that_reaches_a_draining_worker_is_handed_back_and_runs_elsewhere(net):
