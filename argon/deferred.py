@@ -195,9 +195,7 @@ class Deferred(concurrent.futures.Future):  # type: ignore[type-arg]
         """Store the server's reply (or an error raised by the client) and wake waiters."""
         self.state = RequestState.DONE
         self._reply = reply
-        verdict = self._cancel_verdict
-        if verdict is not None:
-            verdict.set_result(False)
+        self.answer_cancel(False)
         if self._state == PENDING:
             self.set_result(reply)
 
@@ -211,10 +209,14 @@ class Deferred(concurrent.futures.Future):  # type: ignore[type-arg]
             self._condition.notify_all()
         self.set_running_or_notify_cancel()  # CANCELLED_AND_NOTIFIED: wakes wait()/as_completed()
         self._invoke_callbacks()  # type: ignore[attr-defined]
-        verdict = self._cancel_verdict
-        if verdict is not None:
-            verdict.set_result(True)
+        self.answer_cancel(True)
         return True
+
+    def answer_cancel(self, cancelled: bool) -> None:
+        """Give a pending :meth:`cancel` its answer (once: later answers are ignored)."""
+        verdict, self._cancel_verdict = self._cancel_verdict, None
+        if verdict is not None and not verdict.done():
+            verdict.set_result(cancelled)
 
     # -- what callers see ---------------------------------------------------------------------
 

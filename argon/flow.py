@@ -228,11 +228,12 @@ def offers(size: int, free: int, running: list[int], prefetch: int) -> list[tupl
     busy one holds the rest. If two managers take the same process, the task that comes
     second waits in the worker's queue; its manager's next credit no longer counts it as
     started, so that manager sees it as waiting and takes it back when a process is idle
-    elsewhere (:class:`~argon.protocol.Reclaim`). The pool starts tasks in the order they
-    came, whichever manager sent them, so no manager is served ahead of its turn.
+    elsewhere (:class:`~argon.protocol.Reclaim`). The pool starts queued tasks in the order
+    they came, whichever manager sent them, so no manager is served ahead of its turn
+    (only a short task pipelined behind a running one may start before an older one).
 
     The prefetch is split between the managers; with several, each gets room for at
-    least one waiting task, so a manager whose tasks arrive while a busy one keeps every
+    least one waiting task (while there is any prefetch), so a manager whose tasks arrive while a busy one keeps every
     process full still gets its task into the worker's queue, and is served in turn.
 
     Args:

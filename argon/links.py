@@ -230,7 +230,7 @@ class Links:
             try:
                 link.conn.send(Cancel(deferred.id))
             except ConnectionLost:
-                verdict.set_result(False)
+                deferred.answer_cancel(False)  # the task will be sent again; it is not cancelled
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -241,9 +241,8 @@ class Links:
             self._on_failure(msg)
         elif isinstance(msg, NotCancelled):
             deferred = self.pending.get(msg.id)
-            if deferred is not None and deferred._cancel_verdict is not None:
-                verdict, deferred._cancel_verdict = deferred._cancel_verdict, None
-                verdict.set_result(False)
+            if deferred is not None:
+                deferred.answer_cancel(False)
         elif isinstance(msg, Bye):
             log.info("server %s:%d says: %s", link.host, link.port, msg.reason)
             link.up = False  # new tasks go elsewhere, or wait for the next connection
@@ -371,6 +370,9 @@ class Links:
                 self._connect(link)
                 return
             except (ArgonError, OSError) as exc:
+                self._expire(exc)
+            except Exception as exc:  # whatever a server's reply provokes, keep dialling (and expiring)
+                log.exception("unexpected error connecting to %s:%d", link.host, link.port)
                 self._expire(exc)
             gevent.sleep(delays.next_delay() or defaults.RECONNECT_MAX_DELAY)
 

@@ -191,9 +191,11 @@ class Manager(Server):
             log.warning(
                 "worker %s (%s) lost: %s; %d tasks it held to redeliver", link.id, link.conn.peer, reason, len(tickets)
             )
-        # A worker starts tasks in the order they were sent, at most `capacity` at a time, and
-        # the answered ones are gone from `inflight`: those after the first `capacity` were
-        # still waiting in its prefetch. They never ran, so this send does not count.
+        # A worker starts tasks (almost always) in the order they were sent, at most `capacity`
+        # at a time, and the answered ones are gone from `inflight`: those after the first
+        # `capacity` were still waiting in its prefetch. They never ran, so this send does not
+        # count. (A short task pipelined behind a running one can start before an older one
+        # waiting behind another process: then one send that did run goes uncounted.)
         for ticket in tickets[link.capacity :]:
             ticket.attempts -= 1
             if ticket.cancelling:

@@ -354,7 +354,7 @@ def client_handshake(sock: Stream, key: bytes | None, server: str) -> Session:
         raise _refused(server, line, "this side's key")
     words = line.split()
     try:
-        proof = bytes.fromhex(words[1].decode()) if words[0] == b"ok" and len(words) == 2 else b""
+        proof = bytes.fromhex(words[1].decode()) if len(words) == 2 and words[0] == b"ok" else b""
     except (ValueError, UnicodeDecodeError):
         proof = b""
     if not hmac.compare_digest(proof, _proof(key, b"argon-server", nc, ns)):

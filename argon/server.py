@@ -29,7 +29,7 @@ from gevent.server import StreamServer
 from argon import defaults
 from argon._version import __version__
 from argon.connection import Connection
-from argon.errors import ArgonError, ConnectionLost, ProtocolError, ShuttingDown, TaskRejected
+from argon.errors import ArgonError, ConnectionLost, MessageTooLarge, ProtocolError, ShuttingDown, TaskRejected
 from argon.handshake import accept
 from argon.protocol import Bye, Cancel, Failure, Message, NotCancelled, Result, StatusReply, StatusRequest, Task
 from argon.security import BUSY, SHUTTING_DOWN, is_loopback, refuse
@@ -307,7 +307,10 @@ class Server:
             else:
                 self.submit(client, msg)
         elif isinstance(msg, StatusRequest):
-            client.conn.send(StatusReply(msg.id, self.status()))
+            try:
+                client.conn.send(StatusReply(msg.id, self.status()))
+            except MessageTooLarge as exc:  # the client's --max-frame, not its fault: that request fails
+                client.conn.send(Failure(msg.id, MessageTooLarge.__name__, str(exc)))
         elif isinstance(msg, Cancel):
             if self.cancel(client, msg.id) is False:  # None: the answer comes later
                 client.conn.send(NotCancelled(msg.id))

@@ -181,13 +181,17 @@ class Uplink:
                 failures += 1
                 if failures == 1 or failures % 30 == 0:  # say it once, then now and then
                     log.warning("cannot reach manager %s:%d (attempt %d): %s", host, port, failures, exc)
+            except Exception:  # whatever a peer's reply provokes, this loop must go on dialling
+                failures += 1
+                log.exception("unexpected error reaching manager %s:%d (attempt %d)", host, port, failures)
             else:
                 failures = 0
                 backoff.reset()
                 self._serve_manager(link, conn)
                 if worker.stopping:
                     return
-                link.move(LinkState.DIALING)
+                if link.state is not LinkState.DIALING:  # (it still is if registering failed)
+                    link.move(LinkState.DIALING)
             gevent.sleep(backoff.next_delay() or defaults.RECONNECT_MAX_DELAY)
 
     def _serve_manager(self, link: ManagerLink, conn: Connection) -> None:
@@ -195,7 +199,12 @@ class Uplink:
         link.foreign = self.pool.outstanding  # tasks of other connections, running (queued ones were dropped)
         free = self._free()
         host, port = self.worker.address
-        conn.send_now(Register(self.worker_id, host, port, self.pool.size, free, os.getpid()))
+        try:
+            conn.send_now(Register(self.worker_id, host, port, self.pool.size, free, os.getpid()))
+        except (ArgonError, OSError) as exc:
+            conn.close(f"cannot register: {exc}")
+            log.warning("cannot register with manager %s: %s", conn.peer, exc)
+            return
         link.conn, link.window, link.processes = conn, free, free
         link.released = gevent.event.Event()
         link.freed.clear()

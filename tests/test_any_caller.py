@@ -330,3 +330,25 @@ def test_client_warns_when_tasks_wait_at_a_server_without_workers(tmp_path, monk
         assert deferred(timeout=20) == 9  # the task was waiting, not lost
     finally:
         net.close()
+
+
+def test_a_cancel_that_cannot_be_sent_leaves_the_task_to_finish_normally():
+    """The connection closed under the Cancel: cancel() says False and the re-sent task's result still arrives."""
+    from argon.errors import ConnectionLost
+    from argon.links import Link, Links
+    from argon.protocol import Result, Task
+    from argon.serialize import dumps
+
+    class Closed:
+        def send(self, msg):
+            raise ConnectionLost("closed")
+
+    deferred = Deferred(None, Task(1, b"f", b"a"), 0)
+    deferred.sent(time.monotonic())
+    deferred.link = Link("127.0.0.1", 1)
+    deferred.link.conn = Closed()
+    verdict: concurrent.futures.Future = concurrent.futures.Future()
+    Links.cancel(Links.__new__(Links), [deferred], [verdict])  # (touches nothing else of Links)
+    assert verdict.result(0) is False
+    deferred.deliver(Result(1, dumps(5)))  # its answer, after the client sent it again
+    assert deferred.done() and deferred.result(0) == 5

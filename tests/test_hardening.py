@@ -33,6 +33,7 @@ from argon import (
 )
 from argon.backoff import Backoff
 from argon.connection import Connection
+from argon.errors import MessageTooLarge
 from argon.framing import frame
 from argon.manager import Manager
 from argon.protocol import (
@@ -52,13 +53,13 @@ from argon.protocol import (
     decode,
     encode,
 )
-from argon.security import server_handshake
+from argon.security import load_key_file, server_handshake
 from argon.serialize import FunctionCache, dumps, dumps_function
 from argon.server import ServerConfig
 from argon.status import render
 from argon.worker import Worker, WorkerConfig
 
-from conftest import wait_for
+from conftest import make_key, wait_for
 
 
 def _raw(server, greet=True):
@@ -195,6 +196,43 @@ def test_a_peer_on_another_patch_release_of_the_same_python_is_accepted(net, mon
     with Client(manager.host, manager.port, retries=0) as other:
         assert other.queue(lambda: "same major.minor") == "same major.minor"
     assert "runs Python" not in manager.log()
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_answers_the_key_proof_with_nonsense_fails_the_dial_and_is_dialled_again(net, tmp_path):
+    key_file = make_key(tmp_path / "argon.key")
+    dials = []
+
+    def handle(sock, address):  # asks for the proof, then answers it with an empty line
+        dials.append(address)
+        with contextlib.suppress(OSError):
+            sock.sendall(b"ARGON 1 hmac-sha256 " + os.urandom(32).hex().encode() + b"\n")
+            sock.recv(4096)
+            sock.sendall(b"ARGON 1 \n")
+        sock.close()
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        with pytest.raises(AuthenticationError, match="could not prove"):
+            handshake.connect("127.0.0.1", server.server_port, role="client", key=load_key_file(key_file))
+        worker = net.worker(None, "--manager", f"127.0.0.1:{server.server_port}", "--key", str(key_file),
+                            processes=1, wait=False)
+        wait_for(lambda: len(dials) >= 3, 30, what="the worker to dial again and again")
+        assert worker.alive() and "Traceback" not in worker.log()
+        with pytest.raises(AuthenticationError, match="could not prove"):
+            Client("127.0.0.1", server.server_port, key_file=str(key_file))
+    finally:
+        server.stop()
+
+
+def test_a_status_too_large_for_the_client_fails_that_request_not_the_connection(net):
+    manager, _, _ = net.cluster(workers=3, processes=1)
+    small = net.client(manager, max_frame=1024)  # the smallest limit a peer may announce
+    with pytest.raises(MessageTooLarge, match="exceeds the 1024 byte limit"):
+        small.status()
+    assert small.queue(pow, [2, 5]) == 32  # the same connection goes on
+    assert "closing connection" not in manager.log()
 
 
 def test_a_client_refuses_a_server_of_another_python_or_protocol():
