@@ -258,6 +258,17 @@ def test_sigterm_stops_a_manager_after_its_tasks(net, signum):
     assert worker.alive()  # a worker outlives its manager and keeps trying to reconnect
 
 
+def test_a_result_whose_manager_is_gone_is_discarded_and_counted(net):
+    manager, (worker,), client = net.cluster(processes=1)
+    client.defer(slow_echo, [1, 1.5])
+    wait_for(lambda: client.status()["busy"] == 1, what="the task to start")
+    manager.signal(signal.SIGKILL)
+    wait_for(lambda: "discarding the result of task" in worker.log(), 15, what="the result to be discarded")
+    assert "its connection to manager" in worker.log() and worker.alive()
+    with Client(worker.host, worker.port) as direct:  # a managed worker answers status() itself
+        assert direct.status()["discarded"] == 1
+
+
 def test_worker_reconnects_when_the_manager_returns_later(net):
     manager, (worker,), _client = net.cluster(processes=1)
     port = manager.port

@@ -20,6 +20,7 @@ import pytest
 from gevent.server import StreamServer
 
 from argon import (
+    ArgonError,
     AuthenticationError,
     Client,
     ConnectionLost,
@@ -233,6 +234,29 @@ def test_a_status_too_large_for_the_client_fails_that_request_not_the_connection
         small.status()
     assert small.queue(pow, [2, 5]) == 32  # the same connection goes on
     assert "closing connection" not in manager.log()
+
+
+@pytest.mark.timeout(60)
+def test_a_task_whose_connection_drops_again_and_again_fails_after_five_resends():
+    received = []
+
+    def flaky(sock, address):  # a "manager" that takes each task and hangs up
+        with contextlib.suppress(OSError, ArgonError):
+            conn = handshake.accept(sock, address, role="manager", name="flaky", key=None, allowed=True)
+            received.append(conn.recv_message())
+        sock.close()
+
+    server = StreamServer(("127.0.0.1", 0), flaky)
+    server.start()
+    try:
+        with Client("127.0.0.1", server.server_port) as client:
+            deferred = client.defer(pow, [2, 3])
+            with pytest.raises(ConnectionLost, match="the connection dropped 6 times while this task was in flight"):
+                deferred(timeout=45)
+        tasks = [msg for msg in received if isinstance(msg, Task)]
+        assert len(tasks) == 1 + defaults.MAX_RESENDS and len({t.id for t in tasks}) == 1  # the same task each time
+    finally:
+        server.stop()
 
 
 def test_a_client_refuses_a_server_of_another_python_or_protocol():

@@ -18,7 +18,7 @@ import pytest
 from argon import AuthenticationError, Client, ConnectionLost, MessageTooLarge, ProtocolError, ServerBusy
 from argon.framing import frame
 from argon.protocol import VERSION, Hello, StatusReply, StatusRequest, decode, encode
-from argon.security import MAC_BYTES, client_handshake, load_key_file
+from argon.security import MAC_BYTES, client_handshake, client_tls, load_key_file, parse_key, server_tls
 
 from conftest import ARGON, child_env, wait_for
 
@@ -176,6 +176,23 @@ def certificate(tmp_path):
                     "-out", str(cert), "-days", "1", "-subj", "/CN=argon-test",
                     "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
     return cert, private
+
+
+def test_short_keys_are_refused(tmp_path):
+    with pytest.raises(AuthenticationError, match="too short: a key needs at least 16 bytes"):
+        Client("127.0.0.1", 1, key="00" * 15)
+    short = tmp_path / "short.key"
+    short.write_text("ab" * 15 + "\n")
+    short.chmod(0o600)
+    with pytest.raises(AuthenticationError, match="too short"):
+        load_key_file(short)
+    assert len(parse_key("ab" * 16)) == 16  # 16 bytes is enough
+
+
+def test_tls_contexts_refuse_versions_before_1_2(certificate):
+    cert, private = certificate
+    for context in (server_tls(cert, private), client_tls(cert), client_tls(verify=False)):
+        assert context.minimum_version is ssl.TLSVersion.TLSv1_2
 
 
 def test_tls_round_trip_with_a_key(net, key, certificate):
