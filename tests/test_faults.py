@@ -258,6 +258,24 @@ def test_sigterm_stops_a_manager_after_its_tasks(net, signum):
     assert worker.alive()  # a worker outlives its manager and keeps trying to reconnect
 
 
+def test_a_worker_registers_again_with_its_still_busy_processes_counted_busy(net):
+    manager, _, client = net.cluster(processes=2)
+    port = manager.port
+    for i in range(2):
+        client.defer(slow_echo, [i, 4.0])
+    wait_for(lambda: client.status()["busy"] == 2, what="both processes busy")
+    client.close()  # (so that nothing re-sends those two tasks)
+    manager.signal(signal.SIGKILL)
+    manager.wait()
+    back = net.manager(port=port)
+    fresh = net.client(back)
+    status = net.wait_workers(fresh, 1, timeout=15)
+    assert (status["capacity"], status["busy"]) == (2, 2)  # the tasks from before still hold both processes
+    started = time.monotonic()
+    assert fresh.queue(slow_echo, ["new", 0.0]) == "new"  # waits for one of them to finish
+    assert time.monotonic() - started > 1.0
+
+
 def test_a_result_whose_manager_is_gone_is_discarded_and_counted(net):
     manager, (worker,), client = net.cluster(processes=1)
     client.defer(slow_echo, [1, 1.5])
