@@ -233,8 +233,9 @@ def offers(size: int, free: int, running: list[int], prefetch: int) -> list[tupl
     (only a short task pipelined behind a running one may start before an older one).
 
     The prefetch is split between the managers; with several, each gets room for at
-    least one waiting task (while there is any prefetch), so a manager whose tasks arrive while a busy one keeps every
-    process full still gets its task into the worker's queue, and is served in turn.
+    least one waiting task (while there is any prefetch), so a manager whose tasks arrive
+    while a busy one keeps every process full still gets its task into the worker's
+    queue, and is served in turn.
 
     Args:
         size: The worker's processes.
